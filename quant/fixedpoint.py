@@ -1,0 +1,161 @@
+"""Requantization: how an integer accumulator becomes an integer output.
+
+Two rounding modes, because the two families of integer runtimes disagree and a user must be able to
+simulate either bit-exactly:
+
+``half_even`` -- onnxruntime / MLAS arithmetic. The real multiplier is a float32 computed as
+    ``float32(s_x) * float32(s_w) / float32(s_y)`` and the output is ``rint(float32(acc) * m)``
+    (round half to even), clamped, plus the zero point. This is what a model exported to ONNX computes
+    on onnxruntime (and on NPUs reached through it), so our integers equal onnxruntime's.
+
+``half_away`` -- TFLite Micro / CMSIS-NN integer-only arithmetic, for chips without an FPU. The real
+    multiplier is encoded as an integer mantissa and a right shift, ``m ~= M / 2**n``: a Q31 mantissa
+    for 32-bit accumulators, and TFLite's reduced Q15 mantissa for 64-bit accumulators (16-bit
+    operands) so that ``acc * M`` stays inside int64. The output is ``acc * M / 2**n`` rounded half
+    away from zero with a single rounding (CMSIS-NN's single-rounding variant).
+
+Everything here is plain numpy and defines the arithmetic; the numba backend re-implements the same
+formulas and is tested to give identical integers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+ROUNDING_MODES = ("half_even", "half_away")
+
+
+def check_rounding(mode: str) -> str:
+    if mode not in ROUNDING_MODES:
+        raise ValueError(f"unknown rounding mode {mode!r}: use one of {', '.join(ROUNDING_MODES)}")
+    return mode
+
+
+def quantize_multiplier(real: np.ndarray, mantissa_bits: int = 31) -> tuple[np.ndarray, np.ndarray]:
+    """Encode positive real multipliers as (mantissa, right_shift) with ``real ~= mantissa / 2**shift``.
+
+    The mantissa is normalised into [2**(bits-1), 2**bits) like TFLite's QuantizeMultiplier, so it
+    keeps ``mantissa_bits`` significant bits whatever the magnitude of the multiplier.
+    """
+    real = np.asarray(real, dtype=np.float64)
+    if np.any(~np.isfinite(real)) or np.any(real <= 0):
+        raise ValueError(f"requantization multipliers must be finite and > 0, got {real}")
+    frac, exp = np.frexp(real)  # real = frac * 2**exp, frac in [0.5, 1)
+    mantissa = np.round(frac * (1 << mantissa_bits)).astype(np.int64)
+    overflow = mantissa == (1 << mantissa_bits)  # frac rounded up to 1.0
+    mantissa[overflow] //= 2
+    exp = exp + overflow
+    shift = mantissa_bits - exp.astype(np.int64)
+    if np.any(shift < 1) or np.any(shift > 62):
+        raise ValueError(f"multiplier {real} is outside the fixed-point range (2**-31 .. 2**{mantissa_bits - 1})")
+    return mantissa, shift
+
+
+@dataclass(frozen=True)
+class Requant:
+    """One real multiplier per output channel (or a single one), in both encodings.
+
+    ``float32``: the onnxruntime multiplier; ``mantissa``/``shift``: the integer-only one.
+    """
+
+    float32: np.ndarray
+    mantissa: np.ndarray
+    shift: np.ndarray
+
+    @classmethod
+    def from_scales(cls, s_in, s_w, s_out, wide_accumulator: bool) -> "Requant":
+        """Multiplier ``s_in * s_w / s_out`` computed exactly as onnxruntime does, in float32."""
+        f32 = (np.float32(s_in) * np.asarray(s_w, np.float32)) / np.float32(s_out)
+        f32 = np.atleast_1d(np.asarray(f32, np.float32))
+        mantissa, shift = quantize_multiplier(f32.astype(np.float64), 15 if wide_accumulator else 31)
+        return cls(f32, mantissa, shift)
+
+    @classmethod
+    def from_real(cls, real, wide_accumulator: bool) -> "Requant":
+        f32 = np.atleast_1d(np.asarray(real, np.float32))
+        mantissa, shift = quantize_multiplier(f32.astype(np.float64), 15 if wide_accumulator else 31)
+        return cls(f32, mantissa, shift)
+
+
+def channel_view(values: np.ndarray, ndim: int) -> np.ndarray:
+    """Shape a per-channel vector to broadcast along axis 1 of an (N, C, ...) array."""
+    values = np.asarray(values)
+    if values.size == 1:
+        return values.reshape(())
+    return values.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def round_shift(product: np.ndarray, shift: np.ndarray, mode: str) -> np.ndarray:
+    """``product / 2**shift`` rounded to an integer with the given tie rule, integers only."""
+    half = np.int64(1) << (shift - 1)
+    if mode == "half_away":
+        magnitude = (np.abs(product) + half) >> shift
+        return np.where(product < 0, -magnitude, magnitude)
+    floor = product >> shift
+    remainder = product - (floor << shift)
+    up = (remainder > half) | ((remainder == half) & ((floor & 1) == 1))
+    return floor + up
+
+
+def requantize(acc: np.ndarray, rq: Requant, zero_point: int, qmin: int, qmax: int, mode: str,
+               out_dtype=np.int64) -> np.ndarray:
+    """Scale integer accumulators (N, C, ...) to output integers in [qmin, qmax]."""
+    acc = np.asarray(acc).astype(np.int64)
+    if mode == "half_even":
+        scaled = acc.astype(np.float32) * channel_view(rq.float32, acc.ndim)
+        lo, hi = np.float32(qmin - zero_point), np.float32(qmax - zero_point)
+        out = np.rint(np.clip(scaled, lo, hi)).astype(np.int64) + zero_point
+    else:
+        product = acc * channel_view(rq.mantissa, acc.ndim)
+        out = np.clip(round_shift(product, channel_view(rq.shift, acc.ndim), mode) + zero_point, qmin, qmax)
+    return out.astype(out_dtype)
+
+
+def round_divide(numerator: np.ndarray, denominator: int | np.ndarray, mode: str) -> np.ndarray:
+    """Integer division rounded to nearest, ties by ``mode`` (average pooling uses it)."""
+    numerator = np.asarray(numerator, dtype=np.int64)
+    denominator = np.asarray(denominator, dtype=np.int64)
+    q, r = np.divmod(numerator, denominator)  # floor division, 0 <= r < d
+    twice = 2 * r
+    if mode == "half_even":
+        up = (twice > denominator) | ((twice == denominator) & ((q & 1) == 1))
+    else:
+        up = (twice > denominator) | ((twice == denominator) & (numerator >= 0))
+    return q + up
+
+
+# ---- numba twins of the functions above (same formulas, element by element) -------------------------
+
+@numba.njit(cache=True, nogil=True)
+def _requantize_kernel(acc3, f32, mantissa, shift, zero_point, qmin, qmax, half_even, out3):
+    n_batch, n_chan, n_space = acc3.shape
+    per_channel = f32.shape[0] > 1
+    lo = np.float32(qmin - zero_point)
+    hi = np.float32(qmax - zero_point)
+    for c in range(n_chan):
+        k = c if per_channel else 0
+        m, mant, sh = f32[k], mantissa[k], shift[k]
+        half = np.int64(1) << (sh - 1)
+        for b in range(n_batch):
+            for s in range(n_space):
+                a = np.int64(acc3[b, c, s])
+                if half_even:
+                    v = min(max(np.float32(a) * m, lo), hi)
+                    q = np.int64(np.rint(v)) + zero_point
+                else:
+                    p = a * mant
+                    q = -((-p + half) >> sh) if p < 0 else (p + half) >> sh
+                    q = min(max(q + zero_point, qmin), qmax)
+                out3[b, c, s] = q
+
+
+def requantize_numba(acc: np.ndarray, rq: Requant, zero_point: int, qmin: int, qmax: int, mode: str,
+                     out_dtype=np.int64) -> np.ndarray:
+    """Numba twin of :func:`requantize`; ``acc`` may hold exact integers in a float dtype."""
+    acc3 = np.ascontiguousarray(acc).reshape(acc.shape[0], acc.shape[1] if acc.ndim > 1 else 1, -1)
+    out = np.empty(acc3.shape, dtype=out_dtype)
+    _requantize_kernel(acc3, rq.float32, rq.mantissa, rq.shift, int(zero_point), int(qmin), int(qmax),
+                       mode == "half_even", out)
+    return out.reshape(acc.shape)

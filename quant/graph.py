@@ -1,0 +1,121 @@
+"""QGraph: the quantized model as an ordered list of integer nodes over named tensors.
+
+Two things the trainer needs are first-class here: replacement weights (``weights=`` maps
+``"<node>.weight"`` / ``"<node>.bias"`` to integer arrays used instead of the stored ones) and running from a
+cached intermediate (``prefix`` returns the live tensors before a node, ``forward(cache, start=node)``
+continues from them), so the part of the network before the first perturbed layer runs once per batch.
+Tensors are freed after their last use (liveness), as an MCU arena would.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backends import get_backend
+from .fixedpoint import check_rounding
+from .ops.base import Node, WeightedNode
+from .tensor import QParams, dequantize, quantize
+
+
+@dataclass
+class QGraph:
+    nodes: list[Node]
+    input_name: str
+    input_params: QParams
+    output_name: str
+    rounding: str = "half_even"
+    bits: str = "w8a8"
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        check_rounding(self.rounding)
+        produced = {self.input_name}
+        for node in self.nodes:
+            missing = [t for t in node.inputs if t not in produced]
+            if missing:
+                raise ValueError(f"node {node.name!r} reads {missing} before they are produced: nodes must be in "
+                                 f"topological order")
+            produced.add(node.output)
+        if self.output_name not in produced:
+            raise ValueError(f"graph output {self.output_name!r} is produced by no node")
+        self._index = {node.name: i for i, node in enumerate(self.nodes)}
+        self._last_use = {}
+        for i, node in enumerate(self.nodes):
+            for t in node.inputs:
+                self._last_use[t] = i
+
+    # ---- structure ---------------------------------------------------------------------------------
+    @property
+    def output_params(self) -> QParams:
+        return self.params_of(self.output_name)
+
+    def params_of(self, tensor: str) -> QParams:
+        if tensor == self.input_name:
+            return self.input_params
+        for node in self.nodes:
+            if node.output == tensor:
+                return node.out_params
+        raise KeyError(f"no tensor named {tensor!r}")
+
+    def node(self, name: str) -> Node:
+        return self.nodes[self.index(name)]
+
+    def index(self, name: str) -> int:
+        if name not in self._index:
+            raise KeyError(f"no node named {name!r}; nodes are {[n.name for n in self.nodes]}")
+        return self._index[name]
+
+    def weighted_nodes(self) -> list[WeightedNode]:
+        return [n for n in self.nodes if isinstance(n, WeightedNode)]
+
+    # ---- execution ---------------------------------------------------------------------------------
+    def quantize_input(self, x: np.ndarray) -> np.ndarray:
+        if np.issubdtype(np.asarray(x).dtype, np.integer):
+            return np.asarray(x, dtype=self.input_params.dtype)
+        return quantize(x, self.input_params)
+
+    def _execute(self, env: dict, first: int, last: int, kernels, weights: dict | None, rounding: str) -> dict:
+        for i in range(first, last):
+            node = self.nodes[i]
+            env[node.output] = node.run(kernels, [env[t] for t in node.inputs], rounding, weights)
+            for t in node.inputs:
+                if self._last_use.get(t) == i and t != self.output_name:
+                    env.pop(t, None)
+        return env
+
+    def prefix(self, x: np.ndarray, until: str, *, backend="numba", rounding: str | None = None) -> dict:
+        """Run the nodes before ``until`` and return the tensors still live there (a cache for forward)."""
+        env = {self.input_name: self.quantize_input(x)}
+        return self._execute(env, 0, self.index(until), get_backend(backend), None, rounding or self.rounding)
+
+    def forward(self, x, *, weights: dict | None = None, start: str | None = None, backend="numba",
+                rounding: str | None = None) -> np.ndarray:
+        """Integer output for input ``x`` (float array, integer array, or with ``start`` a ``prefix`` cache)."""
+        rounding = check_rounding(rounding or self.rounding)
+        if start is None:
+            env, first = {self.input_name: self.quantize_input(x)}, 0
+        else:
+            if not isinstance(x, dict):
+                raise TypeError("with start=, pass the dict returned by graph.prefix(x, until=start)")
+            env, first = dict(x), self.index(start)
+        return self._execute(env, first, len(self.nodes), get_backend(backend), weights, rounding)[self.output_name]
+
+    def forward_float(self, x, **kwargs) -> np.ndarray:
+        """Dequantized output (e.g. float32 logits)."""
+        return dequantize(self.forward(x, **kwargs), self.output_params)
+
+    def shapes(self, input_shape: tuple) -> dict[str, tuple]:
+        """Shape of every tensor for an input shape, found by running zeros through the fast backend."""
+        env = {self.input_name: np.full(input_shape, self.input_params.zero_point, self.input_params.dtype)}
+        shapes = {self.input_name: tuple(input_shape)}
+        kernels = get_backend("numba")
+        for node in self.nodes:
+            env[node.output] = node.run(kernels, [env[t] for t in node.inputs], self.rounding)
+            shapes[node.output] = env[node.output].shape
+        return shapes
+
+    def macs(self, input_shape: tuple) -> dict[str, int]:
+        """Multiply-accumulates per node for one forward call on ``input_shape``."""
+        shapes = self.shapes(input_shape)
+        return {n.name: n.macs([shapes[t] for t in n.inputs], shapes[n.output]) for n in self.nodes}

@@ -1,0 +1,69 @@
+"""What every node of a QGraph is: named integer inputs -> one named integer output with its params."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..fixedpoint import Requant
+from ..tensor import QParams
+
+
+@dataclass
+class Node:
+    name: str
+    inputs: list[str]
+    output: str
+    out_params: QParams
+
+    op_type = "Node"
+
+    def run(self, kernels, xs: list[np.ndarray], rounding: str, overrides: dict | None = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def macs(self, in_shapes: list[tuple], out_shape: tuple) -> int:
+        """Multiply-accumulates of one forward call (0 for data movement ops)."""
+        return 0
+
+
+@dataclass
+class WeightedNode(Node):
+    """A node with integer weights and bias: the layers the trainer can perturb and update.
+
+    ``clamp`` is the output integer range after fused activations (ReLU/ReLU6 become clamps).
+    """
+
+    in_params: QParams = None
+    weight: np.ndarray = None
+    w_params: QParams = None
+    bias: np.ndarray = None
+    clamp: tuple[int, int] = None
+    requant: Requant = field(init=False)
+
+    def __post_init__(self):
+        if self.clamp is None:
+            self.clamp = (self.out_params.qmin, self.out_params.qmax)
+        self.requant = Requant.from_scales(self.in_params.scale, self.w_params.scale, self.out_params.scale,
+                                           self.wide_accumulator)
+
+    @property
+    def wide_accumulator(self) -> bool:
+        """16-bit operands need a 64-bit accumulator (TFLite 16x8 does the same)."""
+        return self.in_params.bits > 8 or self.w_params.bits > 8
+
+    @property
+    def weight_key(self) -> str:
+        return f"{self.name}.weight"
+
+    @property
+    def bias_key(self) -> str:
+        return f"{self.name}.bias"
+
+    def weights_from(self, overrides: dict | None) -> tuple[np.ndarray, np.ndarray]:
+        overrides = overrides or {}
+        return overrides.get(self.weight_key, self.weight), overrides.get(self.bias_key, self.bias)
+
+    def finish(self, kernels, acc: np.ndarray, rounding: str) -> np.ndarray:
+        lo, hi = self.clamp
+        return kernels.requantize(acc, self.requant, self.out_params.zero_point, lo, hi, rounding,
+                                  self.out_params.dtype).astype(self.out_params.dtype, copy=False)

@@ -1,0 +1,45 @@
+"""Quantized fully connected layer (ONNX Gemm / MatMul + Add) and its kernels.
+
+``acc[n, o] = bias[o] + sum_k (x[n, k] - x_zp) * w[o, k]``; weights are stored (out, in) like
+PyTorch's Linear so that output channels are axis 0 for per-channel scales, as for convolutions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .base import WeightedNode
+from .exact_gemm import add_channel_offset, exact_matmul
+
+
+def check_linear_shapes(x: np.ndarray, w: np.ndarray) -> None:
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"linear expects input (N, {w.shape[1] if w.ndim == 2 else 'K'}) and weights (out, in), "
+                         f"got {x.shape} and {w.shape}")
+
+
+def linear_reference(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    check_linear_shapes(x, w)
+    return (x.astype(np.int64) - x_zp) @ w.astype(np.int64).T + bias.astype(np.int64)
+
+
+def linear_numba(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Same integers as :func:`linear_reference`, via exact float BLAS on the raw integers."""
+    check_linear_shapes(x, w)
+    acc = exact_matmul(x, w.T, x.dtype, w.dtype)
+    offset = bias.astype(np.int64) - int(x_zp) * w.astype(np.int64).sum(axis=1)
+    return add_channel_offset(acc, offset)
+
+
+@dataclass
+class QLinear(WeightedNode):
+    op_type = "Linear"
+
+    def run(self, kernels, xs, rounding, overrides=None):
+        weight, bias = self.weights_from(overrides)
+        acc = kernels.linear(xs[0], self.in_params.zero_point, weight, bias)
+        return self.finish(kernels, acc, rounding)
+
+    def macs(self, in_shapes, out_shape):
+        return int(np.prod(out_shape)) * self.weight.shape[1]

@@ -1,0 +1,130 @@
+"""Quantized pooling: MaxPool, AveragePool, GlobalAveragePool.
+
+Pools keep the input's scale and zero point (as TFLite requires), so no requantization is needed:
+max pooling is an integer max (padding never wins), average pooling is the integer mean of
+``x - zp`` rounded by the rounding mode's tie rule, over the taps inside the input (or over the whole
+kernel with ``count_include_pad``; padding is the real value 0 either way).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from ..fixedpoint import round_divide
+from .base import Node
+
+
+@dataclass(frozen=True)
+class PoolGeometry:
+    kernel: tuple[int, int]
+    stride: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
+    count_include_pad: bool = False
+
+    def output_hw(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (pt, pl, pb, pr) = self.kernel, self.stride, self.pads
+        ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+        if ho < 1 or wo < 1:
+            raise ValueError(f"pool kernel {self.kernel} does not fit input {h}x{w} + padding {self.pads}")
+        return ho, wo
+
+
+def _taps(x: np.ndarray, g: PoolGeometry, fill):
+    """Yield, per kernel tap, the (N, C, Ho, Wo) view of the padded input (reference kernels)."""
+    (kh, kw), (sh, sw), (pt, pl, pb, pr) = g.kernel, g.stride, g.pads
+    ho, wo = g.output_hw(x.shape[2], x.shape[3])
+    padded = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=fill)
+    for i in range(kh):
+        for j in range(kw):
+            yield padded[:, :, i: i + sh * (ho - 1) + 1: sh, j: j + sw * (wo - 1) + 1: sw]
+
+
+def maxpool_reference(x: np.ndarray, g: PoolGeometry) -> np.ndarray:
+    return np.maximum.reduce(list(_taps(x, g, np.iinfo(x.dtype).min)))
+
+
+def avgpool_reference(x: np.ndarray, zp: int, g: PoolGeometry, mode: str) -> np.ndarray:
+    total = sum(t.astype(np.int64) for t in _taps(x.astype(np.int64) - zp, g, 0))
+    if g.count_include_pad:
+        count = np.int64(g.kernel[0] * g.kernel[1])
+    else:
+        ones = np.ones((1, 1) + x.shape[2:], dtype=np.int64)
+        count = sum(_taps(ones, g, 0))
+    return (round_divide(total, count, mode) + zp).astype(x.dtype)
+
+
+@numba.njit(cache=True, nogil=True)
+def _pool_kernel(x, zp, kh, kw, sh, sw, pt, pl, include_pad, is_max, half_even, out):
+    n_batch, n_chan, h, wd = x.shape
+    _, _, ho, wo = out.shape
+    for b in range(n_batch):
+        for c in range(n_chan):
+            for oy in range(ho):
+                for ox in range(wo):
+                    best = np.int64(-(1 << 62))
+                    total = np.int64(0)
+                    count = np.int64(0)
+                    for i in range(kh):
+                        iy = oy * sh - pt + i
+                        for j in range(kw):
+                            ix = ox * sw - pl + j
+                            if 0 <= iy < h and 0 <= ix < wd:
+                                v = np.int64(x[b, c, iy, ix])
+                                best = max(best, v)
+                                total += v - zp
+                                count += 1
+                    if is_max:
+                        out[b, c, oy, ox] = best
+                        continue
+                    if include_pad:
+                        count = kh * kw
+                    q = total // count  # floor, like numpy
+                    twice = 2 * (total - q * count)
+                    if twice > count or (twice == count and ((half_even and q % 2 == 1) or (not half_even and total >= 0))):
+                        q += 1
+                    out[b, c, oy, ox] = q + zp
+
+
+def _pool_numba(x, zp, g: PoolGeometry, is_max: bool, mode: str) -> np.ndarray:
+    ho, wo = g.output_hw(x.shape[2], x.shape[3])
+    out = np.empty(x.shape[:2] + (ho, wo), dtype=x.dtype)
+    (kh, kw), (sh, sw), (pt, pl, _, _) = g.kernel, g.stride, g.pads
+    _pool_kernel(np.ascontiguousarray(x), int(zp), kh, kw, sh, sw, pt, pl, g.count_include_pad, is_max,
+                 mode == "half_even", out)
+    return out
+
+
+def maxpool_numba(x: np.ndarray, g: PoolGeometry) -> np.ndarray:
+    return _pool_numba(x, 0, g, True, "half_even")
+
+
+def avgpool_numba(x: np.ndarray, zp: int, g: PoolGeometry, mode: str) -> np.ndarray:
+    return _pool_numba(x, zp, g, False, mode)
+
+
+@dataclass
+class QMaxPool(Node):
+    geometry: PoolGeometry = None
+
+    op_type = "MaxPool"
+
+    def run(self, kernels, xs, rounding, overrides=None):
+        return kernels.maxpool(xs[0], self.geometry)
+
+
+@dataclass
+class QAvgPool(Node):
+    """AveragePool; GlobalAveragePool is the same with the kernel set to the input's size at run time."""
+
+    geometry: PoolGeometry | None = None  # None: global
+
+    op_type = "AveragePool"
+
+    def run(self, kernels, xs, rounding, overrides=None):
+        geometry = self.geometry or PoolGeometry(kernel=xs[0].shape[2:])
+        return kernels.avgpool(xs[0], self.out_params.zero_point, geometry, rounding)
+
+    def macs(self, in_shapes, out_shape):
+        return int(np.prod(in_shapes[0]))
