@@ -1,0 +1,117 @@
+"""numba kernels == numpy reference kernels, integer for integer, over generated shapes and widths."""
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from quant.backends import get_backend
+from quant.ops.add import AddRescale
+from quant.ops.conv import ConvGeometry
+from quant.ops.pool import PoolGeometry
+from quant.tensor import QParams
+
+REF, FAST = get_backend("numpy"), get_backend("numba")
+MODES = st.sampled_from(["half_even", "half_away"])
+SEEDS = st.integers(0, 2 ** 32 - 1)
+
+
+def ints(rng, shape, bits, narrow=False):
+    lo = -(1 << (bits - 1)) + (1 if narrow else 0)
+    return rng.integers(lo, 1 << (bits - 1), shape).astype(np.int8 if bits == 8 else np.int16)
+
+
+@st.composite
+def conv_cases(draw):
+    groups = draw(st.sampled_from([1, 2, 3, "depthwise"]))
+    cin = draw(st.integers(1, 4)) * (3 if groups == "depthwise" else groups)
+    groups = cin if groups == "depthwise" else groups
+    cout = groups * draw(st.integers(1, 3)) if groups != cin else cin
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    geometry = ConvGeometry((draw(st.integers(1, 3)), draw(st.integers(1, 3))),
+                            tuple(draw(st.integers(0, 2)) for _ in range(4)),
+                            (draw(st.integers(1, 2)), draw(st.integers(1, 2))), groups)
+    h = draw(st.integers(geometry.dilation[0] * (kh - 1) + 1, 12))
+    w = draw(st.integers(geometry.dilation[1] * (kw - 1) + 1, 12))
+    return (draw(st.integers(1, 3)), cin, h, w), (cout, cin // groups, kh, kw), geometry
+
+
+@settings(max_examples=120, deadline=None)
+@given(conv_cases(), st.sampled_from([8, 16]), st.sampled_from([8, 16]), SEEDS)
+def test_conv(case, xbits, wbits, seed):
+    x_shape, w_shape, geometry = case
+    rng = np.random.default_rng(seed)
+    x, w = ints(rng, x_shape, xbits), ints(rng, w_shape, wbits, narrow=True)
+    zp = int(rng.integers(-128, 128)) if xbits == 8 else 0
+    bias = rng.integers(-(1 << 20), 1 << 20, w_shape[0])
+    expected = REF.conv(x, zp, w, bias, geometry)
+    got = FAST.conv(x, zp, w, bias, geometry)
+    assert got.dtype == np.int64 and np.array_equal(got, expected)
+
+
+def test_conv_long_reduction_splits_exactly():
+    """K = 2304 > 1032 forces the chunked float32 path; extreme values maximise every partial sum."""
+    rng = np.random.default_rng(1)
+    x = np.full((1, 256, 5, 5), -128, np.int8)
+    w = np.full((4, 256, 3, 3), 127, np.int8)
+    w[1] = -127
+    w[2] = ints(rng, (256, 3, 3), 8, narrow=True)
+    geometry = ConvGeometry(pads=(1, 1, 1, 1))
+    assert np.array_equal(FAST.conv(x, 3, w, np.zeros(4), geometry), REF.conv(x, 3, w, np.zeros(4), geometry))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 1200), st.integers(1, 6), st.sampled_from([8, 16]),
+       st.sampled_from([8, 16]), SEEDS)
+def test_linear(n, k, o, xbits, wbits, seed):
+    rng = np.random.default_rng(seed)
+    x, w = ints(rng, (n, k), xbits), ints(rng, (o, k), wbits, narrow=True)
+    zp = int(rng.integers(-128, 128)) if xbits == 8 else 0
+    bias = rng.integers(-1000, 1000, o)
+    assert np.array_equal(FAST.linear(x, zp, w, bias), REF.linear(x, zp, w, bias))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from([8, 16]), MODES, SEEDS, st.booleans())
+def test_add(bits, mode, seed, relu):
+    rng = np.random.default_rng(seed)
+    zp = (lambda: int(rng.integers(-128, 128))) if bits == 8 else (lambda: 0)
+    params = [QParams(rng.uniform(1e-3, 1.0), zp(), bits) for _ in range(3)]
+    rescale = AddRescale.from_params(*params)
+    x1, x2 = ints(rng, (2, 3, 5, 4), bits), ints(rng, (2, 3, 5, 4), bits)
+    lo = params[2].zero_point if relu else params[2].qmin
+    dtype = params[2].dtype
+    expected = REF.add(x1, x2, rescale, lo, params[2].qmax, mode, dtype)
+    assert np.array_equal(FAST.add(x1, x2, rescale, lo, params[2].qmax, mode, dtype), expected)
+    real = (x1.astype(float) - params[0].zero_point) * params[0].scale + (x2.astype(float) - params[1].zero_point) * params[1].scale
+    ideal = np.clip(np.rint(real / params[2].scale) + params[2].zero_point, lo, params[2].qmax)
+    assert np.abs(expected - ideal).max() <= 1  # within one step of the exact real-valued result
+
+
+@st.composite
+def pool_cases(draw):
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    pads = (draw(st.integers(0, kh - 1)), draw(st.integers(0, kw - 1)), draw(st.integers(0, kh - 1)),
+            draw(st.integers(0, kw - 1)))
+    geometry = PoolGeometry((kh, kw), (draw(st.integers(1, 3)), draw(st.integers(1, 3))), pads, draw(st.booleans()))
+    shape = (draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(kh, 10)), draw(st.integers(kw, 10)))
+    return shape, geometry
+
+
+@settings(max_examples=100, deadline=None)
+@given(pool_cases(), st.sampled_from([8, 16]), MODES, SEEDS)
+def test_pools(case, bits, mode, seed):
+    shape, geometry = case
+    rng = np.random.default_rng(seed)
+    x = ints(rng, shape, bits)
+    zp = int(rng.integers(-128, 128)) if bits == 8 else 0
+    assert np.array_equal(FAST.maxpool(x, geometry), REF.maxpool(x, geometry))
+    assert np.array_equal(FAST.avgpool(x, zp, geometry, mode), REF.avgpool(x, zp, geometry, mode))
+
+
+def test_global_average_pool_rounds_by_mode():
+    x = np.array([1, 2, 3, 4, 5, 6, 7, 9], np.int8).reshape(1, 1, 2, 4)  # mean 4.625 -> 5; and ties below
+    whole = PoolGeometry((2, 4))
+    assert REF.avgpool(x, 0, whole, "half_even")[0, 0, 0, 0] == 5
+    tie = np.array([1, 2], np.int8).reshape(1, 1, 1, 2)  # mean 1.5
+    assert REF.avgpool(tie, 0, PoolGeometry((1, 2)), "half_even")[0, 0, 0, 0] == 2
+    tie = np.array([2, 3], np.int8).reshape(1, 1, 1, 2)  # mean 2.5
+    assert REF.avgpool(tie, 0, PoolGeometry((1, 2)), "half_even")[0, 0, 0, 0] == 2
+    assert REF.avgpool(tie, 0, PoolGeometry((1, 2)), "half_away")[0, 0, 0, 0] == 3
