@@ -1,0 +1,1 @@
+"""Forward-gradient training of integer neural networks on inference-only hardware."""
