@@ -21,15 +21,17 @@ import onnx
 from onnx import numpy_helper
 
 from .fixedpoint import check_rounding
+from .backends import get_backend
 from .graph import QGraph
+from .ops.base import WeightedNode
 from .ops import ConvGeometry, PoolGeometry, QAdd, QAvgPool, QClamp, QConcat, QConv, QLinear, QMaxPool, QReshape
-from .tensor import QParams, activation_params, quantize, weight_params
+from .tensor import QParams, activation_params, dequantize, quantize, weight_params
 
 SUPPORTED_OPS = ("Conv", "BatchNormalization (after Conv)", "Gemm", "MatMul (+ Add of a constant)", "Add", "Relu",
                  "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean (spatial)", "Flatten",
                  "Reshape (constant shape)", "Concat", "Identity", "Dropout")
 BIT_CONFIGS = ("w8a8", "w16a8", "w8a16", "w16a16")
-CALIBRATION_METHODS = ("minmax", "percentile")
+CALIBRATION_METHODS = ("minmax", "percentile", "mse")
 SAMPLE_PER_TENSOR = 200_000
 
 
@@ -58,6 +60,7 @@ class FloatLayer:
     weight: np.ndarray | None = None
     bias: np.ndarray | None = None
     act: tuple[float, float] | None = None  # fused activation range (ReLU: (0, inf), ReLU6: (0, 6))
+    pre_act: str | None = None  # conv/linear: the float tensor before fused activations (bias correction)
 
     @property
     def calibrated(self) -> bool:
@@ -134,6 +137,8 @@ class _Lowering:
 
     def add_layer(self, layer: FloatLayer) -> None:
         layer.inputs = [self.resolve(t) for t in layer.inputs]
+        if layer.kind in ("conv", "linear"):
+            layer.pre_act = layer.output
         self.layers.append(layer)
         self.producer[layer.output] = layer
 
@@ -144,9 +149,11 @@ class _Lowering:
             return layer
         return None
 
-    def move_output(self, layer: FloatLayer, new_output: str) -> None:
+    def move_output(self, layer: FloatLayer, new_output: str, folds_into_accumulator: bool = False) -> None:
         del self.producer[layer.output]
         layer.output = new_output
+        if folds_into_accumulator:
+            layer.pre_act = new_output
         self.producer[new_output] = layer
 
 
@@ -190,7 +197,7 @@ def _lower_node(low: _Lowering, node: onnx.NodeProto) -> None:
         scale = gamma / np.sqrt(var + attrs.get("epsilon", 1e-5))
         conv.weight = conv.weight * scale[:, None, None, None]
         conv.bias = (conv.bias - mean) * scale + beta
-        low.move_output(conv, node.output[0])
+        low.move_output(conv, node.output[0], folds_into_accumulator=True)
     elif op in ("Relu", "Clip"):
         lo, hi = _clip_range(low, node)
         layer = low.fusable(node.input[0], ("conv", "linear", "add"))
@@ -223,7 +230,7 @@ def _lower_node(low: _Lowering, node: onnx.NodeProto) -> None:
         if layer is None or layer.act is not None or value.size not in (1, layer.bias.size):
             raise _unsupported(node, "an Add of a constant must follow a MatMul/Gemm/Conv as its bias")
         layer.bias = layer.bias + value.reshape(-1)
-        low.move_output(layer, node.output[0])
+        low.move_output(layer, node.output[0], folds_into_accumulator=True)
     elif op in ("MaxPool", "AveragePool"):
         if attrs.get("ceil_mode", 0) or any(d != 1 for d in attrs.get("dilations", (1, 1))):
             raise _unsupported(node, "ceil_mode and dilated pooling are not supported")
@@ -273,9 +280,17 @@ def lower(model: onnx.ModelProto) -> tuple[list[FloatLayer], str, str]:
 
 # ---- pass 2: calibration ------------------------------------------------------------------------------
 
+@dataclass
+class Calibration:
+    ranges: dict[str, tuple[float, float]]  # real range of each quantized tensor
+    channel_means: dict[str, np.ndarray]  # mean over batch and space of each pre-activation, per channel
+
+
 def calibrate(model: onnx.ModelProto, tensors: list[str], data: np.ndarray, method: str = "minmax",
-              percentile: float = 99.99, batch_size: int = 32, seed: int = 0) -> dict[str, tuple[float, float]]:
-    """Real range of each named tensor over ``data``, from onnxruntime running the float model."""
+              percentile: float = 99.99, batch_size: int = 32, seed: int = 0,
+              mean_tensors: tuple[str, ...] = (), bits: int = 8) -> Calibration:
+    """Statistics of the float model over ``data``, from onnxruntime: ranges of ``tensors``, and the
+    per-channel means of ``mean_tensors`` (what bias correction matches)."""
     import onnxruntime as ort
 
     if method not in CALIBRATION_METHODS:
@@ -288,7 +303,8 @@ def calibrate(model: onnx.ModelProto, tensors: list[str], data: np.ndarray, meth
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}
-    for name in tensors:
+    wanted = list(dict.fromkeys(list(tensors) + list(mean_tensors)))
+    for name in wanted:
         if name not in existing:
             probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -297,19 +313,44 @@ def calibrate(model: onnx.ModelProto, tensors: list[str], data: np.ndarray, meth
     lows = {t: np.inf for t in tensors}
     highs = {t: -np.inf for t in tensors}
     samples: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
+    sums, counts = {t: 0.0 for t in mean_tensors}, {t: 0 for t in mean_tensors}
     per_batch = max(1, SAMPLE_PER_TENSOR * batch_size // len(data))
     for start in range(0, len(data), batch_size):
-        values = session.run(tensors, {input_name: data[start:start + batch_size]})
-        for name, value in zip(tensors, values):
+        values = dict(zip(wanted, session.run(wanted, {input_name: data[start:start + batch_size]})))
+        for name in mean_tensors:
+            value = values[name]
+            sums[name] = sums[name] + value.astype(np.float64).sum(axis=_all_but_channels(value))
+            counts[name] += value.size // value.shape[1]
+        for name in tensors:
+            value = values[name]
             lows[name] = min(lows[name], float(value.min()))
             highs[name] = max(highs[name], float(value.max()))
-            if method == "percentile":
+            if method != "minmax":
                 flat = value.reshape(-1)
                 samples[name].append(rng.choice(flat, min(per_batch, flat.size), replace=False))
     if method == "minmax":
-        return {t: (lows[t], highs[t]) for t in tensors}
-    return {t: tuple(np.percentile(np.concatenate(samples[t]), [100 - percentile, percentile]).tolist())
-            for t in tensors}
+        ranges = {t: (lows[t], highs[t]) for t in tensors}
+    elif method == "mse":
+        ranges = {t: _mse_range(np.concatenate(samples[t]), lows[t], highs[t], bits) for t in tensors}
+    else:
+        ranges = {t: tuple(np.percentile(np.concatenate(samples[t]), [100 - percentile, percentile]).tolist())
+                  for t in tensors}
+    return Calibration(ranges, {t: sums[t] / counts[t] for t in mean_tensors})
+
+
+def _mse_range(values: np.ndarray, lo: float, hi: float, bits: int) -> tuple[float, float]:
+    """The shrink of [lo, hi] whose quantization (rounding + clipping) error on ``values`` is smallest."""
+    best, best_err = (lo, hi), np.inf
+    for shrink in np.linspace(0.3, 1.0, 36):
+        params = activation_params(lo * shrink, hi * shrink, bits)
+        err = np.mean((dequantize(quantize(values, params), params) - values) ** 2)
+        if err < best_err:
+            best, best_err = (lo * shrink, hi * shrink), err
+    return best
+
+
+def _all_but_channels(value: np.ndarray) -> tuple[int, ...]:
+    return tuple(i for i in range(value.ndim) if i != 1)
 
 
 # ---- pass 3: quantization -----------------------------------------------------------------------------
@@ -339,16 +380,44 @@ def _quantize_weighted(layer: FloatLayer, in_params: QParams, out_params: QParam
                 w_params=w_params, bias=bias, clamp=_clamp_bounds(out_params, layer.act), **extra)
 
 
+def correct_biases(graph: QGraph, data: np.ndarray, float_means: dict[str, np.ndarray], batch_size: int = 32):
+    """Empirical bias correction (Nagel et al. 2019, "Data-Free Quantization", sec. 4.2).
+
+    Rounding weights shifts each output channel's mean; over 50 layers these shifts add up. Layer by layer,
+    in order, run the quantized graph on the calibration data and move each bias (in its integer grid) so
+    that the mean of the integer pre-activation matches the float model's. Later layers see the corrected
+    earlier ones, so the shifts do not accumulate.
+    """
+    kernels = get_backend("numba")
+    envs = [{graph.input_name: graph.quantize_input(data[i:i + batch_size])} for i in range(0, len(data), batch_size)]
+    for index, node in enumerate(graph.nodes):
+        if isinstance(node, WeightedNode) and node.name in float_means:
+            total, count = 0.0, 0
+            for env in envs:
+                acc = node.accumulate(kernels, [env[t] for t in node.inputs])
+                total = total + acc.astype(np.float64).sum(axis=_all_but_channels(acc))
+                count += acc.size // acc.shape[1]
+            acc_scale = np.float32(node.in_params.scale) * node.w_params.scale
+            shift = np.rint((float_means[node.name] - total / count * acc_scale) / acc_scale)
+            limit = np.iinfo(node.bias.dtype).max
+            node.bias = np.clip(node.bias + shift, -limit, limit).astype(node.bias.dtype)
+        for env in envs:
+            graph.run_nodes(env, index, index + 1, kernels)
+
+
 def convert(model: str | Path | onnx.ModelProto, calibration_data: np.ndarray, *, bits: str = "w8a8",
             rounding: str = "half_even", calibration: str = "minmax", percentile: float = 99.99,
-            batch_size: int = 32) -> QGraph:
+            bias_correction: bool = True, batch_size: int = 32) -> QGraph:
     """Quantize a float ONNX model into a QGraph (post-training quantization)."""
     wbits, abits = parse_bits(bits)
     check_rounding(rounding)
     proto = load_model(model)
     layers, input_name, output_name = lower(proto)
-    ranges = calibrate(proto, [input_name] + [l.output for l in layers if l.calibrated], calibration_data,
-                       calibration, percentile, batch_size)
+    weighted = [l for l in layers if l.kind in ("conv", "linear")]
+    stats = calibrate(proto, [input_name] + [l.output for l in layers if l.calibrated], calibration_data,
+                      calibration, percentile, batch_size,
+                      mean_tensors=[l.pre_act for l in weighted] if bias_correction else (), bits=abits)
+    ranges = stats.ranges
     params = {input_name: activation_params(*ranges[input_name], abits)}
     nodes = []
     for layer in layers:
@@ -371,5 +440,10 @@ def convert(model: str | Path | onnx.ModelProto, calibration_data: np.ndarray, *
             node = QConcat(layer.name, layer.inputs, layer.output, out, in_params=ins, axis=layer.attrs["axis"])
         params[layer.output] = out
         nodes.append(node)
-    metadata = {"calibration": calibration, "calibration_samples": int(len(calibration_data))}
-    return QGraph(nodes, input_name, params[input_name], output_name, rounding, bits, metadata)
+    metadata = {"calibration": calibration, "calibration_samples": int(len(calibration_data)),
+                "bias_correction": bias_correction}
+    graph = QGraph(nodes, input_name, params[input_name], output_name, rounding, bits, metadata)
+    if bias_correction:
+        correct_biases(graph, np.asarray(calibration_data, np.float32),
+                       {l.name: stats.channel_means[l.pre_act] for l in weighted}, batch_size)
+    return graph

@@ -79,6 +79,25 @@ class Requant:
         return cls(f32, mantissa, shift)
 
 
+@dataclass(frozen=True)
+class OutputSpec:
+    """Where accumulators go: multiplier, zero point, integer range (fused clamps), rounding, storage type."""
+
+    requant: Requant
+    zero_point: int
+    qmin: int
+    qmax: int
+    mode: str
+    dtype: type
+
+    def apply(self, acc: np.ndarray) -> np.ndarray:
+        return requantize(acc, self.requant, self.zero_point, self.qmin, self.qmax, self.mode, self.dtype)
+
+    def apply_numba(self, acc: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
+        return requantize_numba(acc, self.requant, self.zero_point, self.qmin, self.qmax, self.mode, self.dtype,
+                                offset)
+
+
 def channel_view(values: np.ndarray, ndim: int) -> np.ndarray:
     """Shape a per-channel vector to broadcast along axis 1 of an (N, C, ...) array."""
     values = np.asarray(values)
@@ -128,34 +147,41 @@ def round_divide(numerator: np.ndarray, denominator: int | np.ndarray, mode: str
 
 # ---- numba twins of the functions above (same formulas, element by element) -------------------------
 
-@numba.njit(cache=True, nogil=True)
-def _requantize_kernel(acc3, f32, mantissa, shift, zero_point, qmin, qmax, half_even, out3):
+@numba.njit(cache=True, nogil=True, inline="always")
+def requantize_scalar(a, m, mant, sh, half, zero_point, qmin, qmax, lo, hi, half_even):
+    """One accumulator -> one output integer: the numba form of :func:`requantize` (shared by kernels)."""
+    if half_even:
+        v = min(max(np.float32(a) * m, lo), hi)
+        return np.int64(np.rint(v)) + zero_point
+    p = a * mant
+    q = -((-p + half) >> sh) if p < 0 else (p + half) >> sh
+    return min(max(q + zero_point, qmin), qmax)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _requantize_kernel(acc3, offset, f32, mantissa, shift, zero_point, qmin, qmax, half_even, out3):
     n_batch, n_chan, n_space = acc3.shape
     per_channel = f32.shape[0] > 1
     lo = np.float32(qmin - zero_point)
     hi = np.float32(qmax - zero_point)
-    for c in range(n_chan):
+    for bc in numba.prange(n_batch * n_chan):
+        b, c = bc // n_chan, bc % n_chan
         k = c if per_channel else 0
-        m, mant, sh = f32[k], mantissa[k], shift[k]
+        m, mant, sh, off = f32[k], mantissa[k], shift[k], offset[c]
         half = np.int64(1) << (sh - 1)
-        for b in range(n_batch):
-            for s in range(n_space):
-                a = np.int64(acc3[b, c, s])
-                if half_even:
-                    v = min(max(np.float32(a) * m, lo), hi)
-                    q = np.int64(np.rint(v)) + zero_point
-                else:
-                    p = a * mant
-                    q = -((-p + half) >> sh) if p < 0 else (p + half) >> sh
-                    q = min(max(q + zero_point, qmin), qmax)
-                out3[b, c, s] = q
+        for s in range(n_space):
+            a = np.int64(acc3[b, c, s]) + off
+            out3[b, c, s] = requantize_scalar(a, m, mant, sh, half, zero_point, qmin, qmax, lo, hi, half_even)
 
 
 def requantize_numba(acc: np.ndarray, rq: Requant, zero_point: int, qmin: int, qmax: int, mode: str,
-                     out_dtype=np.int64) -> np.ndarray:
-    """Numba twin of :func:`requantize`; ``acc`` may hold exact integers in a float dtype."""
+                     out_dtype=np.int64, offset: np.ndarray | None = None) -> np.ndarray:
+    """Numba twin of :func:`requantize`. ``acc`` may hold exact integers in a float array, and ``offset``
+    (per channel of axis 1) is added first: the fast kernels fold bias and zero-point terms in here."""
     acc3 = np.ascontiguousarray(acc).reshape(acc.shape[0], acc.shape[1] if acc.ndim > 1 else 1, -1)
+    if offset is None:
+        offset = np.zeros(acc3.shape[1], np.int64)
     out = np.empty(acc3.shape, dtype=out_dtype)
-    _requantize_kernel(acc3, rq.float32, rq.mantissa, rq.shift, int(zero_point), int(qmin), int(qmax),
-                       mode == "half_even", out)
+    _requantize_kernel(acc3, offset.astype(np.int64), rq.float32, rq.mantissa, rq.shift, int(zero_point), int(qmin),
+                       int(qmax), mode == "half_even", out)
     return out.reshape(acc.shape)

@@ -75,7 +75,10 @@ class QGraph:
             return np.asarray(x, dtype=self.input_params.dtype)
         return quantize(x, self.input_params)
 
-    def _execute(self, env: dict, first: int, last: int, kernels, weights: dict | None, rounding: str) -> dict:
+    def run_nodes(self, env: dict, first: int, last: int, kernels, weights: dict | None = None,
+                  rounding: str | None = None) -> dict:
+        """Run nodes [first, last) on ``env`` (tensor name -> integers) in place, freeing dead tensors."""
+        rounding = rounding or self.rounding
         for i in range(first, last):
             node = self.nodes[i]
             env[node.output] = node.run(kernels, [env[t] for t in node.inputs], rounding, weights)
@@ -87,7 +90,7 @@ class QGraph:
     def prefix(self, x: np.ndarray, until: str, *, backend="numba", rounding: str | None = None) -> dict:
         """Run the nodes before ``until`` and return the tensors still live there (a cache for forward)."""
         env = {self.input_name: self.quantize_input(x)}
-        return self._execute(env, 0, self.index(until), get_backend(backend), None, rounding or self.rounding)
+        return self.run_nodes(env, 0, self.index(until), get_backend(backend), None, rounding or self.rounding)
 
     def forward(self, x, *, weights: dict | None = None, start: str | None = None, backend="numba",
                 rounding: str | None = None) -> np.ndarray:
@@ -99,7 +102,7 @@ class QGraph:
             if not isinstance(x, dict):
                 raise TypeError("with start=, pass the dict returned by graph.prefix(x, until=start)")
             env, first = dict(x), self.index(start)
-        return self._execute(env, first, len(self.nodes), get_backend(backend), weights, rounding)[self.output_name]
+        return self.run_nodes(env, first, len(self.nodes), get_backend(backend), weights, rounding)[self.output_name]
 
     def forward_float(self, x, **kwargs) -> np.ndarray:
         """Dequantized output (e.g. float32 logits)."""

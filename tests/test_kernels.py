@@ -3,6 +3,7 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from quant.backends import get_backend
+from quant.fixedpoint import OutputSpec, Requant
 from quant.ops.add import AddRescale
 from quant.ops.conv import ConvGeometry
 from quant.ops.pool import PoolGeometry
@@ -16,6 +17,14 @@ SEEDS = st.integers(0, 2 ** 32 - 1)
 def ints(rng, shape, bits, narrow=False):
     lo = -(1 << (bits - 1)) + (1 if narrow else 0)
     return rng.integers(lo, 1 << (bits - 1), shape).astype(np.int8 if bits == 8 else np.int16)
+
+
+def random_output_spec(rng, channels, wide):
+    """A fused requantization to int8 (sometimes clamped like a ReLU) with a random rounding mode."""
+    rq = Requant.from_real(rng.uniform(1e-7, 1e-3, channels), wide)
+    zp = int(rng.integers(-128, 128))
+    lo = zp if rng.random() < 0.3 else -128
+    return OutputSpec(rq, zp, lo, 127, str(rng.choice(["half_even", "half_away"])), np.int8)
 
 
 @st.composite
@@ -44,6 +53,8 @@ def test_conv(case, xbits, wbits, seed):
     expected = REF.conv(x, zp, w, bias, geometry)
     got = FAST.conv(x, zp, w, bias, geometry)
     assert got.dtype == np.int64 and np.array_equal(got, expected)
+    spec = random_output_spec(rng, w_shape[0], xbits > 8 or wbits > 8)
+    assert np.array_equal(FAST.conv(x, zp, w, bias, geometry, spec), REF.conv(x, zp, w, bias, geometry, spec))
 
 
 def test_conv_long_reduction_splits_exactly():
@@ -66,6 +77,8 @@ def test_linear(n, k, o, xbits, wbits, seed):
     zp = int(rng.integers(-128, 128)) if xbits == 8 else 0
     bias = rng.integers(-1000, 1000, o)
     assert np.array_equal(FAST.linear(x, zp, w, bias), REF.linear(x, zp, w, bias))
+    spec = random_output_spec(rng, o, xbits > 8 or wbits > 8)
+    assert np.array_equal(FAST.linear(x, zp, w, bias, spec), REF.linear(x, zp, w, bias, spec))
 
 
 @settings(max_examples=80, deadline=None)

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..fixedpoint import Requant
+from ..fixedpoint import OutputSpec, Requant
 from ..tensor import QParams
 
 
@@ -63,7 +63,16 @@ class WeightedNode(Node):
         overrides = overrides or {}
         return overrides.get(self.weight_key, self.weight), overrides.get(self.bias_key, self.bias)
 
-    def finish(self, kernels, acc: np.ndarray, rounding: str) -> np.ndarray:
+    def compute(self, kernels, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, out: OutputSpec | None):
+        """The op's kernel: int64 accumulators (bias included) when ``out`` is None, else requantized."""
+        raise NotImplementedError
+
+    def accumulate(self, kernels, xs: list[np.ndarray], overrides: dict | None = None) -> np.ndarray:
+        return self.compute(kernels, xs[0], *self.weights_from(overrides), None)
+
+    def output_spec(self, rounding: str) -> OutputSpec:
         lo, hi = self.clamp
-        return kernels.requantize(acc, self.requant, self.out_params.zero_point, lo, hi, rounding,
-                                  self.out_params.dtype).astype(self.out_params.dtype, copy=False)
+        return OutputSpec(self.requant, self.out_params.zero_point, lo, hi, rounding, self.out_params.dtype)
+
+    def run(self, kernels, xs, rounding, overrides=None):
+        return self.compute(kernels, xs[0], *self.weights_from(overrides), self.output_spec(rounding))

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from ..fixedpoint import OutputSpec, Requant, requantize_scalar
 from .base import WeightedNode
-from .exact_gemm import add_channel_offset, exact_matmul
+from .exact_gemm import FLOAT32_EXACT, exact_matmul, largest_magnitude
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ def check_conv_shapes(x: np.ndarray, w: np.ndarray, geometry: ConvGeometry) -> N
                          f"expect {w.shape[1] * groups}")
 
 
-def conv_reference(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
+def conv_reference(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray, geometry: ConvGeometry,
+                   out: OutputSpec | None = None) -> np.ndarray:
     """The definition: int64 accumulators, loops over kernel taps, integer einsum per group."""
     check_conv_shapes(x, w, geometry)
     (sh, sw), (dh, dw), (pt, pl, pb, pr) = geometry.stride, geometry.dilation, geometry.pads
@@ -60,49 +62,93 @@ def conv_reference(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray, ge
         for j in range(kw):
             taps = grouped[:, :, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
             acc += np.einsum("ngchw,goc->ngohw", taps, weights[:, :, :, i, j])
-    return acc.reshape(n, o, ho, wo) + bias.astype(np.int64).reshape(1, o, 1, 1)
+    acc = acc.reshape(n, o, ho, wo) + bias.astype(np.int64).reshape(1, o, 1, 1)
+    return acc if out is None else out.apply(acc)
 
 
-@numba.njit(cache=True, nogil=True)
-def _depthwise_kernel(x, x_zp, w, bias, sh, sw, pt, pl, dh, dw, out):
-    n_batch, n_chan, h, wd = x.shape
-    _, _, kh, kw = w.shape
-    _, _, ho, wo = out.shape
-    for b in range(n_batch):
-        for c in range(n_chan):
-            for oy in range(ho):
-                for ox in range(wo):
-                    acc = np.int64(bias[c])
-                    for i in range(kh):
-                        iy = oy * sh - pt + i * dh
-                        if iy < 0 or iy >= h:
-                            continue
-                        for j in range(kw):
-                            ix = ox * sw - pl + j * dw
-                            if 0 <= ix < wd:
-                                acc += (np.int64(x[b, c, iy, ix]) - x_zp) * np.int64(w[c, 0, i, j])
-                    out[b, c, oy, ox] = acc
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _depthwise_kernel(xp, w, offset, sh, sw, dh, dw, f32, mantissa, shift, zero_point, qmin, qmax,
+                      half_even, requantize_out, out):
+    """Depthwise conv over an input already padded with its zero point, one (image, channel) plane per task.
+
+    ``xp`` and ``w`` hold the integers in a float type in which sums of kh*kw products are exact (see
+    exact_gemm), because float multiply-adds vectorize and numba's int8 ones (promoted to int64) do not.
+    Then adds ``offset`` (bias - x_zp * sum w) and, if asked, requantizes in the same pass.
+    """
+    n_batch, n_chan = xp.shape[0], xp.shape[1]
+    kh, kw = w.shape[1], w.shape[2]
+    ho, wo = out.shape[2], out.shape[3]
+    per_channel = f32.shape[0] > 1
+    lo = np.float32(qmin - zero_point)
+    hi = np.float32(qmax - zero_point)
+    for bc in numba.prange(n_batch * n_chan):
+        b, c = bc // n_chan, bc % n_chan
+        acc = np.zeros((ho, wo), dtype=xp.dtype)
+        for oy in range(ho):
+            for i in range(kh):
+                row = xp[b, c, oy * sh + i * dh]
+                for j in range(kw):
+                    wij = w[c, i, j]
+                    if sw == 1:  # contiguous taps: this loop vectorizes
+                        taps = row[j * dw:j * dw + wo]
+                        for ox in range(wo):
+                            acc[oy, ox] += taps[ox] * wij
+                    else:
+                        for ox in range(wo):
+                            acc[oy, ox] += row[ox * sw + j * dw] * wij
+        k = c if per_channel else 0
+        m, mant, shf, off = f32[k], mantissa[k], shift[k], offset[c]
+        half = np.int64(1) << (shf - 1)
+        for oy in range(ho):
+            for ox in range(wo):
+                a = np.int64(acc[oy, ox]) + off
+                if requantize_out:
+                    a = requantize_scalar(a, m, mant, shf, half, zero_point, qmin, qmax, lo, hi, half_even)
+                out[b, c, oy, ox] = a
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def _im2col_kernel(x, x_zp, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo, cols):
     """cols[b, (c, i, j), (oy, ox)] = x at that tap, or x_zp (real zero) in the padding."""
     n_batch, n_chan, h, wd = x.shape
-    for b in range(n_batch):
-        for c in range(n_chan):
-            for i in range(kh):
-                for j in range(kw):
-                    row = (c * kh + i) * kw + j
-                    for oy in range(ho):
-                        iy = oy * sh - pt + i * dh
-                        for ox in range(wo):
-                            ix = ox * sw - pl + j * dw
-                            inside = 0 <= iy < h and 0 <= ix < wd
-                            cols[b, row, oy * wo + ox] = x[b, c, iy, ix] if inside else x_zp
+    for bc in numba.prange(n_batch * n_chan):
+        b, c = bc // n_chan, bc % n_chan
+        for i in range(kh):
+            for j in range(kw):
+                row = (c * kh + i) * kw + j
+                for oy in range(ho):
+                    iy = oy * sh - pt + i * dh
+                    for ox in range(wo):
+                        ix = ox * sw - pl + j * dw
+                        inside = 0 <= iy < h and 0 <= ix < wd
+                        cols[b, row, oy * wo + ox] = x[b, c, iy, ix] if inside else x_zp
 
 
-def conv_numba(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
-    """Same integers as :func:`conv_reference`: direct loop for depthwise, im2col + exact BLAS otherwise."""
+_NO_REQUANT = Requant(np.ones(1, np.float32), np.ones(1, np.int64), np.ones(1, np.int64))
+
+
+def _depthwise(x, x_zp, w, offset, geometry, ho, wo, out):
+    (sh, sw), (dh, dw), (pt, pl, pb, pr) = geometry.stride, geometry.dilation, geometry.pads
+    taps = w.shape[2] * w.shape[3]
+    exact = np.float32 if taps * largest_magnitude(x.dtype) * largest_magnitude(w.dtype) < FLOAT32_EXACT else np.float64
+    xp = np.full(x.shape[:2] + (x.shape[2] + pt + pb, x.shape[3] + pl + pr), x_zp, dtype=exact)
+    xp[:, :, pt:pt + x.shape[2], pl:pl + x.shape[3]] = x
+    spec = out or OutputSpec(_NO_REQUANT, 0, 0, 0, "half_even", np.int64)
+    result = np.empty((x.shape[0], w.shape[0], ho, wo), dtype=spec.dtype)
+    rq = spec.requant
+    _depthwise_kernel(xp, np.ascontiguousarray(w[:, 0], dtype=exact), offset, sh, sw, dh, dw, rq.float32,
+                      rq.mantissa, rq.shift, int(spec.zero_point), int(spec.qmin), int(spec.qmax),
+                      spec.mode == "half_even", out is not None, result)
+    return result
+
+
+def conv_numba(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray, geometry: ConvGeometry,
+               out: OutputSpec | None = None) -> np.ndarray:
+    """Same integers as :func:`conv_reference`: direct loop for depthwise, im2col + exact BLAS otherwise.
+
+    Both compute ``sum x * w`` on the raw integers and add ``bias - x_zp * sum w`` per channel, fused
+    into the requantization pass when ``out`` is given.
+    """
     check_conv_shapes(x, w, geometry)
     (sh, sw), (dh, dw), (pt, pl, _, _) = geometry.stride, geometry.dilation, geometry.pads
     g = geometry.groups
@@ -110,12 +156,10 @@ def conv_numba(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray, geomet
     o, cg, kh, kw = w.shape
     ho, wo = geometry.output_hw(h, wd, kh, kw)
     x = np.ascontiguousarray(x)
+    offset = bias.astype(np.int64) - int(x_zp) * w.reshape(o, -1).astype(np.int64).sum(axis=1)
     if cg == 1 and o == g:
-        out = np.empty((n, o, ho, wo), dtype=np.int64)
-        _depthwise_kernel(x, int(x_zp), np.ascontiguousarray(w), bias.astype(np.int64), sh, sw, pt, pl, dh, dw, out)
-        return out
-    og = o // g
-    k = cg * kh * kw
+        return _depthwise(x, int(x_zp), w, offset, geometry, ho, wo, out)
+    og, k = o // g, cg * kh * kw
     pointwise = kh == kw == 1 and geometry.pads == (0, 0, 0, 0) and (sh, sw) == (1, 1)
     parts = []
     for gi in range(g):
@@ -125,11 +169,11 @@ def conv_numba(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray, geomet
         else:
             cols = np.empty((n, k, ho * wo), dtype=np.float32 if x.itemsize == 1 else np.float64)
             _im2col_kernel(np.ascontiguousarray(xg), int(x_zp), kh, kw, sh, sw, pt, pl, dh, dw, ho, wo, cols)
-        wg = w[gi * og:(gi + 1) * og].reshape(og, k)
-        parts.append(exact_matmul(wg, cols, w.dtype, x.dtype))
-    acc = parts[0] if g == 1 else np.concatenate(parts, axis=1)
-    offset = bias.astype(np.int64) - int(x_zp) * w.reshape(o, -1).astype(np.int64).sum(axis=1)
-    return add_channel_offset(acc.reshape(n, o, ho, wo), offset)
+        parts.append(exact_matmul(w[gi * og:(gi + 1) * og].reshape(og, k), cols, w.dtype, x.dtype))
+    acc = (parts[0] if g == 1 else np.concatenate(parts, axis=1)).reshape(n, o, ho, wo)
+    if out is None:
+        return acc.astype(np.int64) + offset.reshape(1, o, 1, 1)
+    return out.apply_numba(acc, offset)
 
 
 @dataclass
@@ -138,10 +182,8 @@ class QConv(WeightedNode):
 
     op_type = "Conv"
 
-    def run(self, kernels, xs, rounding, overrides=None):
-        weight, bias = self.weights_from(overrides)
-        acc = kernels.conv(xs[0], self.in_params.zero_point, weight, bias, self.geometry)
-        return self.finish(kernels, acc, rounding)
+    def compute(self, kernels, x, weight, bias, out):
+        return kernels.conv(x, self.in_params.zero_point, weight, bias, self.geometry, out)
 
     def macs(self, in_shapes, out_shape):
         o, cg, kh, kw = self.weight.shape

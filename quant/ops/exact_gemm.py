@@ -8,7 +8,6 @@ operands. The result holds exact integers in a float array.
 """
 from __future__ import annotations
 
-import numba
 import numpy as np
 
 FLOAT32_EXACT = 1 << 24
@@ -41,21 +40,3 @@ def exact_matmul(a: np.ndarray, b: np.ndarray, a_dtype, b_dtype) -> np.ndarray:
     if product_bound * k >= FLOAT64_EXACT:
         raise OverflowError(f"a reduction of {k} products of up to {product_bound} exceeds float64's exact range")
     return np.matmul(a.astype(np.float64, copy=False), b.astype(np.float64, copy=False))
-
-
-@numba.njit(cache=True, nogil=True)
-def _add_channel_offset(acc3, offset, out3):
-    n_batch, n_chan, n_space = acc3.shape
-    for b in range(n_batch):
-        for c in range(n_chan):
-            off = offset[c]
-            for s in range(n_space):
-                out3[b, c, s] = np.int64(acc3[b, c, s]) + off
-
-
-def add_channel_offset(acc: np.ndarray, offset: np.ndarray) -> np.ndarray:
-    """int64(acc) + offset[c] along axis 1, in one pass (acc holds exact integers in a float array)."""
-    acc3 = acc.reshape(acc.shape[0], acc.shape[1], -1)
-    out = np.empty(acc3.shape, dtype=np.int64)
-    _add_channel_offset(acc3, offset.astype(np.int64), out)
-    return out.reshape(acc.shape)

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .base import WeightedNode
-from .exact_gemm import add_channel_offset, exact_matmul
+from ..fixedpoint import OutputSpec
+from .exact_gemm import exact_matmul
 
 
 def check_linear_shapes(x: np.ndarray, w: np.ndarray) -> None:
@@ -19,27 +20,28 @@ def check_linear_shapes(x: np.ndarray, w: np.ndarray) -> None:
                          f"got {x.shape} and {w.shape}")
 
 
-def linear_reference(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray) -> np.ndarray:
+def linear_reference(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray,
+                     out: OutputSpec | None = None) -> np.ndarray:
     check_linear_shapes(x, w)
-    return (x.astype(np.int64) - x_zp) @ w.astype(np.int64).T + bias.astype(np.int64)
+    acc = (x.astype(np.int64) - x_zp) @ w.astype(np.int64).T + bias.astype(np.int64)
+    return acc if out is None else out.apply(acc)
 
 
-def linear_numba(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray) -> np.ndarray:
+def linear_numba(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray,
+                 out: OutputSpec | None = None) -> np.ndarray:
     """Same integers as :func:`linear_reference`, via exact float BLAS on the raw integers."""
     check_linear_shapes(x, w)
     acc = exact_matmul(x, w.T, x.dtype, w.dtype)
     offset = bias.astype(np.int64) - int(x_zp) * w.astype(np.int64).sum(axis=1)
-    return add_channel_offset(acc, offset)
+    return acc.astype(np.int64) + offset if out is None else out.apply_numba(acc, offset)
 
 
 @dataclass
 class QLinear(WeightedNode):
     op_type = "Linear"
 
-    def run(self, kernels, xs, rounding, overrides=None):
-        weight, bias = self.weights_from(overrides)
-        acc = kernels.linear(xs[0], self.in_params.zero_point, weight, bias)
-        return self.finish(kernels, acc, rounding)
+    def compute(self, kernels, x, weight, bias, out):
+        return kernels.linear(x, self.in_params.zero_point, weight, bias, out)
 
     def macs(self, in_shapes, out_shape):
         return int(np.prod(out_shape)) * self.weight.shape[1]
