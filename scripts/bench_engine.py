@@ -1,0 +1,121 @@
+"""Inference speed of our integer engine against its peers, measured in one run on this machine.
+
+Same model (ImageNet MobileNetV2, real photo crops), same batch, same process:
+- ours: the QGraph on the numba backend (w8a8, identical integers to the numpy reference);
+- onnxruntime int8: the same float model quantized by onnxruntime's own quantize_static (QOperator,
+  u8 activations / s8 per-channel weights: its fastest CPU int8 path, VNNI/AMX kernels);
+- onnxruntime float32 and PyTorch float32 (2 threads) on the float model.
+Writes the table to docs/benchmarks.md (between markers, so other benchmarks can share the file).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+from fwdgrad.data.photos import real_photos
+from fwdgrad.models.mobilenetv2 import load_imagenet_mobilenetv2
+from fwdgrad.models.zoo import model_onnx
+from quant.convert import convert
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- bench_engine:begin -->", "<!-- bench_engine:end -->"
+
+
+def images_per_second(run, x: np.ndarray, batch: int, min_seconds: float) -> float:
+    run(x[:batch])  # warm up (numba compilation, onnxruntime arena)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < min_seconds:
+        run(x[:batch])
+        done += batch
+    return done / (time.perf_counter() - start)
+
+
+class _Reader(CalibrationDataReader):
+    def __init__(self, data):
+        self.items = iter([{"input": data[i:i + 1]} for i in range(len(data))])
+
+    def get_next(self):
+        return next(self.items, None)
+
+
+def onnxruntime_int8(path: Path, calibration: np.ndarray, workdir: Path) -> ort.InferenceSession:
+    out = workdir / "ort_int8.onnx"
+    quantize_static(str(path), str(out), _Reader(calibration), quant_format=QuantFormat.QOperator, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+
+
+def measure(resolution: int, batches: list[int], min_seconds: float) -> list[dict]:
+    path = model_onnx("mobilenetv2", resolution=resolution)
+    x = real_photos(max(batches), resolution, seed=0)
+    calibration = real_photos(32, resolution, seed=1)
+    graph = convert(path, calibration, bits="w8a8")
+    float_session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    torch.set_num_threads(2)
+    net = load_imagenet_mobilenetv2()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        int8_session = onnxruntime_int8(path, calibration, Path(tmp))
+        for batch in batches:
+            with torch.inference_mode():
+                speeds = {
+                    "ours (numba, w8a8)": images_per_second(lambda b: graph.forward(b), x, batch, min_seconds),
+                    "onnxruntime int8": images_per_second(lambda b: int8_session.run(None, {"input": b}), x, batch,
+                                                          min_seconds),
+                    "onnxruntime float32": images_per_second(lambda b: float_session.run(None, {"input": b}), x,
+                                                             batch, min_seconds),
+                    "pytorch float32": images_per_second(lambda b: net(torch.from_numpy(b)), x, batch, min_seconds),
+                }
+            rows.append({"resolution": resolution, "batch": batch, **speeds})
+            print(rows[-1])
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    peers = ["onnxruntime int8", "onnxruntime float32", "pytorch float32"]
+    lines = [BEGIN, "## Inference engine (`scripts/bench_engine.py`)", "",
+             f"MobileNetV2 (ImageNet), images/s on this machine ({platform.processor() or platform.machine()}, "
+             f"{torch.get_num_threads()} threads), all measured in the same run. Ratio = peer time / our time "
+             "(below 1: we are slower).", "",
+             "| resolution | batch | ours (numba, w8a8) img/s | " + " | ".join(f"{p} img/s" for p in peers)
+             + " | " + " | ".join(f"ours vs {p}" for p in peers) + " |",
+             "|" + "---|" * (3 + 2 * len(peers))]
+    for r in rows:
+        ours = r["ours (numba, w8a8)"]
+        lines.append(f"| {r['resolution']} | {r['batch']} | {ours:.1f} | "
+                     + " | ".join(f"{r[p]:.1f}" for p in peers) + " | "
+                     + " | ".join(f"{ours / r[p]:.2f}x" for p in peers) + " |")
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def write_doc(section: str) -> None:
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nEvery figure is a ratio against a peer measured in the same run.\n"
+    if BEGIN in text:
+        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    DOC.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[224, 128])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--seconds", type=float, default=3.0, help="minimum timing window per measurement")
+    args = parser.parse_args()
+    rows = [row for res in args.resolutions for row in measure(res, args.batches, args.seconds)]
+    write_doc(render(rows))
+    print(f"wrote {DOC}")
+
+
+if __name__ == "__main__":
+    main()
