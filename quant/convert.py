@@ -177,7 +177,10 @@ def _pads(node, attrs) -> tuple[int, int, int, int]:
 def _lower_node(low: _Lowering, node: onnx.NodeProto) -> None:
     op, attrs, label = node.op_type, _attrs(node), _node_label(node)
     if op in ("Identity", "Dropout"):
-        low.alias[node.output[0]] = node.input[0]
+        if node.input[0] in low.consts:  # exporters alias shared initializers through Identity
+            low.consts[node.output[0]] = low.consts[node.input[0]]
+        else:
+            low.alias[node.output[0]] = node.input[0]
     elif op == "Constant":
         low.consts[node.output[0]] = numpy_helper.to_array(attrs["value"])
     elif op == "Conv":

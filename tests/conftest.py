@@ -48,6 +48,7 @@ def residual_net():
     x = torch.tensor(digits.images[:, None] / 16.0, dtype=torch.float32)
     y = torch.tensor(digits.target)
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # tiny tensors: threads only add overhead, and xdist workers share 2 cores
     net = Net()
     opt = torch.optim.Adam(net.parameters(), 1e-2)
     for _ in range(12):

@@ -1,0 +1,102 @@
+"""Training configuration: one dataclass, readable from TOML and overridable from the command line."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from quant.convert import parse_bits
+from quant.fixedpoint import check_rounding
+
+from .estimators import ESTIMATORS
+from .perturb import DISTRIBUTIONS
+from .selection import METHODS
+from .update import SCHEDULES
+
+BACKENDS = ("numpy", "numba")
+
+
+def parse_bytes(text) -> int:
+    """'64KB' -> 65536, '1.5MB' -> 1572864, '300' -> 300 (KB = 1024 bytes, as device datasheets use)."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]?i?B?)\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"bad size {text!r}: write e.g. 64KB, 1.5MB or 4096")
+    unit = match.group(2).upper().replace("I", "").rstrip("B")
+    return int(float(match.group(1)) * {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}[unit])
+
+
+@dataclass
+class TrainConfig:
+    model: str = "small-cnn"
+    dataset: str = "digits"
+    bits: str = "w16a8"
+    rounding: str = "half_even"
+    estimator: str = "spsa"
+    selection: str = "trady"
+    budget: str = "8KB"
+    resample_every: int = 0  # steps between channel resamplings; 0 = every epoch
+    m: int = 4  # perturbations per step
+    eps: float = 2.0  # perturbation size, in 8-bit weight steps
+    lr: float = 0.5  # in 8-bit weight steps per unit of projected gradient
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    momentum: float = 0.0
+    distribution: str = "gaussian"
+    rho: float = 2.0  # sharpness-aware neighbour distance, 8-bit weight steps
+    epochs: int = 5
+    batch_size: int = 64
+    seed: int = 0
+    backend: str = "numba"
+    train_samples: int = 0  # 0 = all
+    test_samples: int = 0
+    calibration_samples: int = 256
+    rgn_samples: int = 256
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = every epoch
+    head: str = "ridge"  # how the task's classifier starts: ridge (linear probe), random, keep
+
+    def __post_init__(self):
+        parse_bits(self.bits)
+        check_rounding(self.rounding)
+        parse_bytes(self.budget)
+        for name, value, allowed in (("estimator", self.estimator, ESTIMATORS), ("selection", self.selection, METHODS),
+                                     ("schedule", self.schedule, SCHEDULES), ("backend", self.backend, BACKENDS),
+                                     ("distribution", self.distribution, DISTRIBUTIONS),
+                                     ("head", self.head, ("ridge", "random", "keep"))):
+            if value not in allowed:
+                raise ValueError(f"bad {name} {value!r}: use one of {', '.join(allowed)}")
+        for name in ("m", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eps <= 0 or self.lr <= 0:
+            raise ValueError(f"eps and lr must be > 0, got eps={self.eps}, lr={self.lr}")
+
+    @property
+    def budget_bytes(self) -> int:
+        return parse_bytes(self.budget)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def digest(self) -> str:
+        """Identity of a run: everything except where it is written and how (backend)."""
+        identity = {k: v for k, v in self.to_dict().items() if k not in ("backend",)}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, overrides: dict | None = None) -> "TrainConfig":
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+        return cls.from_dict(values.get("train", values) | (overrides or {}))

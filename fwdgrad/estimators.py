@@ -1,0 +1,77 @@
+"""Zeroth-order gradient estimators: each perturbation costs two forward calls and yields one number.
+
+For perturbation i with integer offsets ``delta_i`` (in 8-bit weight steps: ``u_i = delta_i / unit``),
+``g_i = (L(w + delta_i) - L(w - delta_i)) / (2 eps)`` estimates the directional derivative along ``u_i / eps``;
+the update then moves ``-lr * mean_i g_i * u_i / eps``. Variants ("Stepping Forward on the Last Mile",
+arXiv 2411.04036):
+- ``spsa``: m perturbations per step (m-SPSA), 2m forward calls;
+- ``sign-spsa``: ``g_i = sign(L+ - L-)``, robust to the loss scale and to outliers;
+- ``sharpness``: first estimate the gradient at w, step to the neighbour ``w + rho * d`` along its
+  normalised direction, estimate there and apply that estimate at w (a zeroth-order SAM), 4m calls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .perturb import Perturbation, draw, node_of, weight_unit
+
+ESTIMATORS = ("spsa", "sign-spsa", "sharpness")
+
+
+@dataclass
+class Estimate:
+    perturbations: list[Perturbation]
+    projected: list[float]  # g_i
+    losses: list[float]  # the 2 losses of every perturbation, for logging
+    forward_calls: int
+
+
+def seeds_for(step_seed: int, m: int, offset: int = 0) -> list[int]:
+    return [int(s) for s in np.random.default_rng([step_seed, 0xE57, offset]).integers(0, 2 ** 62, m)]
+
+
+def estimate(loss_at: Callable[[dict], float], graph, weights: dict, masks: dict, limits: dict, *, step_seed: int,
+             m: int, eps: float, distribution: str, method: str, rho: float = 0.0) -> Estimate:
+    """The step's perturbations and projected gradients (``loss_at(weights) -> float`` runs one forward)."""
+    if method not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {method!r}: use one of {', '.join(ESTIMATORS)}")
+    centre, calls = weights, 0
+    if method == "sharpness":
+        first = _pairs(loss_at, graph, weights, masks, limits, seeds_for(step_seed, m, 1), eps, distribution, False)
+        direction = _direction(graph, first)
+        centre = _neighbour(graph, weights, masks, direction, rho, limits)
+        calls += first.forward_calls
+    result = _pairs(loss_at, graph, centre, masks, limits, seeds_for(step_seed, m), eps, distribution,
+                    method == "sign-spsa")
+    result.forward_calls += calls
+    return result
+
+
+def _pairs(loss_at, graph, weights, masks, limits, seeds, eps, distribution, use_sign) -> Estimate:
+    perturbations, projected, losses = [], [], []
+    for seed in seeds:
+        p = draw(seed, graph, masks, eps, distribution)
+        plus, minus = loss_at(p.apply(weights, +1, limits)), loss_at(p.apply(weights, -1, limits))
+        perturbations.append(p)
+        projected.append(float(np.sign(plus - minus)) if use_sign else (plus - minus) / (2 * eps))
+        losses += [plus, minus]
+    return Estimate(perturbations, projected, losses, 2 * len(seeds))
+
+
+def _direction(graph, est: Estimate) -> dict[str, np.ndarray]:
+    """Unit-norm (in 8-bit weight steps) estimated gradient, per weight key, on the mask."""
+    grad = {}
+    for p, g in zip(est.perturbations, est.projected):
+        for key, d in p.delta.items():
+            grad[key] = grad.get(key, 0.0) + g * d / weight_unit(node_of(graph, key))
+    norm = np.sqrt(sum(float(np.sum(v ** 2)) for v in grad.values())) or 1.0
+    return {key: v / norm for key, v in grad.items()}
+
+
+def _neighbour(graph, weights, masks, direction, rho, limits) -> dict:
+    """The ascent neighbour ``w + rho * d`` (rho in 8-bit weight steps, rounded to the integer grid)."""
+    step = {key: np.rint(rho * weight_unit(node_of(graph, key)) * d).astype(np.int64) for key, d in direction.items()}
+    return weights | Perturbation(-1, masks, step).apply(weights, +1, limits)

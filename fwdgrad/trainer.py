@@ -1,0 +1,245 @@
+"""The forward-gradient training loop: select channels, estimate, update, evaluate, checkpoint.
+
+A step (MeZO's shape, in the integer grid): run the graph's prefix before the first selected layer once,
+draw m seeded perturbations of the selected channels, two forward calls each from the cached prefix,
+then one seeded stochastic-rounding update. Every random number derives from (seed, step, ...), so a run
+killed at any point resumes from its last checkpoint and ends on exactly the integers an uninterrupted
+run ends on. Checkpoints are written atomically (temp file + rename; the state file last).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from quant.graph import QGraph
+
+from .channels import Selection, selection_bytes, selection_count
+from .config import TrainConfig
+from .estimators import estimate
+from .loss import cross_entropy, top1
+from .perturb import selection_masks
+from .selection import ChannelSampler, channel_rgn, preselect_layers
+from .update import apply_update, learning_rate
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, value) -> None:
+    atomic_write_bytes(path, json.dumps(value, indent=2, default=_json_default).encode())
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+@dataclass
+class TrainData:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def evaluate(graph: QGraph, weights: dict, x: np.ndarray, y: np.ndarray, backend: str, batch_size: int = 256) -> tuple[float, float]:
+    """(mean loss, top-1) of the graph with ``weights`` on a data set."""
+    losses, correct = [], 0
+    for start in range(0, len(x), batch_size):
+        logits = graph.forward(x[start:start + batch_size], weights=weights, backend=backend)
+        losses.append(cross_entropy(logits, graph.output_params, y[start:start + batch_size]) * len(logits))
+        correct += top1(logits, y[start:start + batch_size]) * len(logits)
+    return float(sum(losses) / len(x)), float(correct / len(x))
+
+
+class Trainer:
+    def __init__(self, graph: QGraph, data: TrainData, config: TrainConfig, out: str | Path):
+        self.graph, self.data, self.config = graph, data, config
+        self.out = Path(out)
+        self.ckpt = self.out / "checkpoint"
+        self.limits = {n.weight_key: n.w_params.qmax for n in graph.weighted_nodes()}
+        self.steps_per_epoch = -(-len(data.x_train) // config.batch_size)
+        self.total_steps = self.steps_per_epoch * config.epochs
+
+    # ---- state ----------------------------------------------------------------------------------------
+    def initial_weights(self) -> dict:
+        return {n.weight_key: n.weight.copy() for n in self.graph.weighted_nodes()}
+
+    def save(self, state: dict, weights: dict, momentum: dict) -> None:
+        """Weights first (under a step-specific name), then the state that points at them."""
+        name = f"weights-{state['step']:08d}.npz"
+        buffer = _npz_bytes({**{f"w:{k}": v for k, v in weights.items()},
+                             **{f"m:{k}": np.asarray(v) for k, v in momentum.items()}})
+        atomic_write_bytes(self.ckpt / name, buffer)
+        atomic_write_json(self.ckpt / "state.json", state | {"weights_file": name})
+        for old in self.ckpt.glob("weights-*.npz"):
+            if old.name != name:
+                old.unlink()
+
+    def load(self) -> tuple[dict, dict, dict]:
+        state = json.loads((self.ckpt / "state.json").read_text())
+        arrays = np.load(self.ckpt / state["weights_file"])
+        weights = {k[2:]: arrays[k] for k in arrays.files if k.startswith("w:")}
+        momentum = {k[2:]: arrays[k] for k in arrays.files if k.startswith("m:")}
+        return state, weights, momentum
+
+    # ---- channel selection ----------------------------------------------------------------------------
+    def sampler(self) -> ChannelSampler:
+        cfg = self.config
+        rgn = preselected = None
+        if cfg.selection in ("trady", "s-topk-random", "s-det-rgn", "d-det-rgn"):
+            rgn = self.layer_rgn()
+            preselected = preselect_layers(rgn)
+        return ChannelSampler(self.graph, cfg.selection, cfg.budget_bytes, cfg.seed, preselected, rgn)
+
+    def layer_rgn(self) -> dict[str, np.ndarray]:
+        """Channel RGN from the PyTorch float twin on a slice of the training data, cached in OUT."""
+        path = self.out / "rgn.json"
+        if path.exists():
+            return {k: np.array(v) for k, v in json.loads(path.read_text()).items()}
+        n = min(self.config.rgn_samples, len(self.data.x_train))
+        rgn = channel_rgn(self.graph, self.data.x_train[:n], self.data.y_train[:n])
+        atomic_write_json(path, {k: v.tolist() for k, v in rgn.items()})
+        return rgn
+
+    def period_of(self, step: int) -> int:
+        every = self.config.resample_every
+        return step // every if every else step // self.steps_per_epoch
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> dict:
+        cfg, graph, data = self.config, self.graph, self.data
+        self.ckpt.mkdir(parents=True, exist_ok=True)
+        if resume:
+            state, weights, momentum = self.load()
+            if state["config_digest"] != cfg.digest():
+                raise ValueError(f"{self.out} holds a run of another configuration: resume it with its own "
+                                 f"config.json, or train into a new --out")
+        else:
+            atomic_write_json(self.out / "config.json", cfg.to_dict())
+            atomic_write_bytes(self.ckpt / "graph.pkl", pickle.dumps(graph))
+            weights, momentum = self.initial_weights(), {}
+            zero_loss, zero_top1 = evaluate(graph, weights, data.x_test, data.y_test, cfg.backend)
+            state = {"step": 0, "forward_calls": 0, "epochs_done": 0, "history": [], "config_digest": cfg.digest(),
+                     "zero_shot_top1": zero_top1, "zero_shot_loss": zero_loss, "train_seconds": 0.0}
+            (self.out / "metrics.jsonl").write_text("")
+            self.save(state, weights, momentum)
+        sampler = self.sampler()
+        if "selection" in state:  # resuming inside a selection period: keep that period's channels
+            period = state["period"]
+            selection = {k: np.array(v, dtype=np.int64) for k, v in state["selection"].items()}
+        else:
+            period, selection = None, None
+        masks = selection_masks(graph, selection) if selection else None
+        epoch_losses = list(state.get("epoch_losses", []))
+        started = time.perf_counter() - state["train_seconds"]
+        bar = tqdm(total=self.total_steps, initial=state["step"], desc="zo-train", unit="step")
+        while state["step"] < self.total_steps:
+            step = state["step"]
+            epoch, index = divmod(step, self.steps_per_epoch)
+            if self.period_of(step) != period:
+                period = self.period_of(step)
+                rgn_now = channel_rgn(graph, data.x_train[:cfg.rgn_samples], data.y_train[:cfg.rgn_samples],
+                                      weights) if cfg.selection == "d-det-rgn" else None
+                selection = sampler.select(period, rgn_now)
+                momentum = {}  # newly selected channels start from rest
+                state["period"], state["selection"] = period, {k: v.tolist() for k, v in selection.items()}
+                masks = selection_masks(graph, selection)
+            order = np.random.default_rng([cfg.seed, 0xDA7A, epoch]).permutation(len(data.x_train))
+            batch = order[index * cfg.batch_size:(index + 1) * cfg.batch_size]
+            loss, calls = self.step(weights, momentum, masks, selection, data.x_train[batch], data.y_train[batch], step)
+            epoch_losses.append(loss)
+            state["step"] += 1
+            state["forward_calls"] += calls
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if state["step"] % self.steps_per_epoch == 0:
+                state["epochs_done"] += 1
+                test_loss, test_top1 = evaluate(graph, weights, data.x_test, data.y_test, cfg.backend)
+                record = {"epoch": state["epochs_done"], "train_loss": float(np.mean(epoch_losses)),
+                          "test_loss": test_loss, "test_top1": test_top1, "forward_calls": state["forward_calls"],
+                          "selected_channels": selection_count(selection),
+                          "trainable_bytes": selection_bytes(graph, selection, cfg.momentum > 0),
+                          "wall_seconds": time.perf_counter() - started}
+                state["history"].append(record)
+                with open(self.out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                epoch_losses = []
+            if state["step"] % self.steps_per_epoch == 0 or (cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0):
+                state["train_seconds"] = time.perf_counter() - started
+                state["epoch_losses"] = epoch_losses
+                self.save(state, weights, momentum)
+        bar.close()
+        return self.summarize(state, weights)
+
+    def step(self, weights, momentum, masks, selection: Selection, x, y, step: int) -> tuple[float, int]:
+        """One forward-gradient step; updates ``weights`` (and ``momentum``) in place.
+
+        Returns the mean loss of the perturbed calls and the number of forward calls made."""
+        cfg, graph = self.config, self.graph
+        first = min(graph.index(name) for name in selection)
+        start = graph.nodes[first].name
+        cache = graph.prefix(x, until=start, backend=cfg.backend)
+
+        def loss_at(w):
+            return cross_entropy(graph.forward(cache, start=start, weights=w, backend=cfg.backend),
+                                 graph.output_params, y)
+
+        step_seed = int(np.random.default_rng([cfg.seed, 0x57E9, step]).integers(0, 2 ** 62))
+        est = estimate(loss_at, graph, weights, masks, self.limits, step_seed=step_seed, m=cfg.m, eps=cfg.eps,
+                       distribution=cfg.distribution, method=cfg.estimator, rho=cfg.rho)
+        lr = learning_rate(cfg.lr, cfg.schedule, step, self.total_steps, cfg.warmup_steps)
+        new = apply_update(graph, weights, est, lr, cfg.eps, self.limits, step_seed,
+                           momentum if cfg.momentum > 0 else None, cfg.momentum)
+        weights.update(new)
+        return float(np.mean(est.losses)), est.forward_calls
+
+    def summarize(self, state: dict, weights: dict) -> dict:
+        history = state["history"]
+        summary = {"zero_shot_top1": state["zero_shot_top1"],
+                   "final_top1": history[-1]["test_top1"] if history else state["zero_shot_top1"],
+                   "best_top1": max([h["test_top1"] for h in history] + [state["zero_shot_top1"]]),
+                   "epochs": state["epochs_done"], "forward_calls": state["forward_calls"],
+                   "trainable_bytes": max([h["trainable_bytes"] for h in history], default=0),
+                   "train_seconds": state["train_seconds"], "config": self.config.to_dict(),
+                   "weights_sha256": weights_digest(weights)}
+        atomic_write_json(self.out / "summary.json", summary)
+        return summary
+
+
+def weights_digest(weights: dict) -> str:
+    """A fingerprint of the integers, to compare runs (resume, backends) bit for bit."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in sorted(weights):
+        digest.update(key.encode())
+        digest.update(np.ascontiguousarray(weights[key]).tobytes())
+    return digest.hexdigest()
+
+
+def _npz_bytes(arrays: dict) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def load_graph(out: str | Path) -> QGraph:
+    with open(Path(out) / "checkpoint" / "graph.pkl", "rb") as f:
+        return pickle.load(f)

@@ -1,0 +1,114 @@
+"""The forward-gradient estimator points along the true (PyTorch) gradient, and the update is exact."""
+import numpy as np
+import pytest
+import torch
+
+from fwdgrad.channels import channel_mask, per_channel_sum, selection_bytes
+from fwdgrad.estimators import estimate
+from fwdgrad.loss import cross_entropy
+from fwdgrad.perturb import draw, selection_masks
+from fwdgrad.reference import FloatTwin, float_weights, gradients
+from fwdgrad.update import apply_update, stochastic_round
+from quant.convert import convert
+
+
+@pytest.fixture(scope="module")
+def digits_graph(residual_net):
+    _, x, y, proto = residual_net
+    return convert(proto, x[:200], bits="w16a16"), x[:64], y[:64]
+
+
+def cosine(a, b):
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def mean_estimate(loss_at, graph, weights, masks, limits, eps, samples):
+    """Average of g_i * u_i over many seeds, in real weight units (u_i = delta_i * s_w / eps)."""
+    total = {k: 0.0 for k in masks}
+    for seed in range(samples):
+        est = estimate(loss_at, graph, weights, masks, limits, step_seed=seed, m=1, eps=eps,
+                       distribution="gaussian", method="spsa")
+        p, g = est.perturbations[0], est.projected[0]
+        for key, d in p.delta.items():
+            total[key] = total[key] + g * d
+    return total
+
+
+@pytest.mark.parametrize("mode", ["float", "integer"])
+def test_estimator_expectation_follows_the_true_gradient(digits_graph, mode):
+    graph, x, y = digits_graph
+    head = graph.weighted_nodes()[-1]
+    selection = {head.name: np.arange(head.weight.shape[1])}
+    masks = selection_masks(graph, selection)
+    weights = {n.weight_key: n.weight for n in graph.weighted_nodes()}
+    limits = {n.weight_key: n.w_params.qmax for n in graph.weighted_nodes()}
+    twin = FloatTwin(graph)
+
+    if mode == "float":
+        def loss_at(w):
+            with torch.no_grad():
+                logits = twin(x, twin.parameters(w, requires_grad=False))
+            return float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(y)))
+    else:
+        cache = graph.prefix(x, until=head.name)
+
+        def loss_at(w):
+            return cross_entropy(graph.forward(cache, start=head.name, weights=w), graph.output_params, y)
+
+    eps = 1.0  # one 8-bit step = 256 int16 steps
+    est = mean_estimate(loss_at, graph, weights, masks, limits, eps, 3000)[head.weight_key]
+    true = gradients(graph, x, y)[head.weight_key]
+    # the estimate lives in the integer grid: d(loss)/d(w_int) = d(loss)/d(w_real) * s_w (per output channel)
+    true_int = (true * head.w_params.scale[:, None])[masks[head.weight_key]]
+    assert cosine(est, true_int) > 0.9
+
+
+def test_perturbations_regenerate_from_their_seed(digits_graph):
+    graph, _, _ = digits_graph
+    node = graph.weighted_nodes()[1]
+    masks = selection_masks(graph, {node.name: np.array([0, 3])})
+    a, b = draw(7, graph, masks, 2.0), draw(7, graph, masks, 2.0)
+    assert np.array_equal(a.delta[node.weight_key], b.delta[node.weight_key])
+    assert not np.array_equal(a.delta[node.weight_key], draw(8, graph, masks, 2.0).delta[node.weight_key])
+    assert a.delta[node.weight_key].size == masks[node.weight_key].sum()
+    assert np.abs(a.delta[node.weight_key]).max() > 256  # eps=2 8-bit steps = 512 int16 steps (w16)
+
+
+def test_channel_masks_cover_grouped_and_depthwise(residual_net):
+    _, x, _, proto = residual_net
+    graph = convert(proto, x[:50], bits="w8a8")
+    for node in graph.weighted_nodes():
+        channels = node.weight.shape[1] * getattr(getattr(node, "geometry", None), "groups", 1)
+        per_channel = [channel_mask(node, [c]).sum() for c in range(channels)]
+        assert sum(per_channel) == node.weight.size and len(set(per_channel)) == 1
+        ones = per_channel_sum(node, np.ones(node.weight.shape))
+        assert np.array_equal(ones, np.array(per_channel))
+    first = graph.weighted_nodes()[0]
+    assert selection_bytes(graph, {first.name: np.array([0])}) == first.weight.size  # 1 input channel, int8
+
+
+def test_stochastic_rounding_is_unbiased():
+    rng = np.random.default_rng(0)
+    values = np.full(200_000, 0.3)
+    assert abs(stochastic_round(values, rng).mean() - 0.3) < 0.005
+
+
+def test_update_moves_against_the_gradient_and_saturates(digits_graph):
+    graph, x, y = digits_graph
+    head = graph.weighted_nodes()[-1]
+    masks = selection_masks(graph, {head.name: np.arange(head.weight.shape[1])})
+    weights = {n.weight_key: n.weight for n in graph.weighted_nodes()}
+    limits = {n.weight_key: n.w_params.qmax for n in graph.weighted_nodes()}
+    cache = graph.prefix(x, until=head.name)
+
+    def loss_at(w):
+        return cross_entropy(graph.forward(cache, start=head.name, weights=w), graph.output_params, y)
+
+    before = loss_at(weights)
+    for step in range(30):
+        est = estimate(loss_at, graph, weights, masks, limits, step_seed=step, m=8, eps=1.0,
+                       distribution="gaussian", method="spsa")
+        weights = apply_update(graph, weights, est, 2.0, 1.0, limits, step)
+    assert loss_at(weights) < before
+    huge = apply_update(graph, weights, est, 1e9, 1.0, limits, 0)
+    assert np.abs(huge[head.weight_key]).max() == limits[head.weight_key]
