@@ -40,6 +40,44 @@ def _cmd_quantize(args) -> int:
     return 0
 
 
+def _train_overrides(args) -> dict:
+    from dataclasses import fields
+
+    from fwdgrad.config import TrainConfig
+
+    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+
+
+def _cmd_train(args) -> int:
+    """Fine-tune a quantized model with forward gradients (TraDy channels by default)."""
+    import json
+
+    from fwdgrad.config import TrainConfig
+    from fwdgrad.task import prepare_data, prepare_graph
+    from fwdgrad.trainer import Trainer, load_graph
+
+    overrides = _train_overrides(args)
+    if args.resume:
+        out = Path(args.resume)
+        if not (out / "checkpoint" / "state.json").exists():
+            raise FileNotFoundError(f"nothing to resume in {out}: no checkpoint/state.json (start it with --out)")
+        cfg = TrainConfig.from_dict(json.loads((out / "config.json").read_text()) | overrides)
+        graph = load_graph(out)
+    else:
+        if not args.out:
+            raise ValueError("say where to write the run: --out DIR (or --resume DIR to continue one)")
+        out = Path(args.out)
+        if (out / "checkpoint" / "state.json").exists():
+            raise ValueError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
+        cfg = TrainConfig.from_toml(args.config, overrides) if args.config else TrainConfig.from_dict(overrides)
+        graph = None
+    data = prepare_data(cfg)
+    graph = graph or prepare_graph(cfg, data, out)
+    summary = Trainer(graph, data, cfg, out).run(resume=bool(args.resume))
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
+    return 0
+
+
 def _cmd_models(args) -> int:
     from fwdgrad.models.zoo import MODELS
 
@@ -73,16 +111,35 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--backend", default="numba", choices=["numba", "numpy"])
     quantize.set_defaults(run=_cmd_quantize)
 
+    train = sub.add_parser("train", help=_cmd_train.__doc__)
+    train.add_argument("--config", help="TOML file with the settings (a [train] table or top-level keys)")
+    train.add_argument("--out", help="run directory: config.json, metrics.jsonl, summary.json, checkpoint/")
+    train.add_argument("--resume", help="continue the run in this directory from its last checkpoint")
+    _add_config_flags(train)
+    train.set_defaults(run=_cmd_train)
+
     models = sub.add_parser("models", help="list the model zoo")
     models.set_defaults(run=_cmd_models)
     return parser
+
+
+def _add_config_flags(parser) -> None:
+    """One flag per TrainConfig field (--budget 64KB, --m 4, ...); unset flags keep the config's value."""
+    from dataclasses import fields
+
+    from fwdgrad.config import TrainConfig
+
+    for f in fields(TrainConfig):
+        kind = type(f.default)
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
+                            help=f"default: {f.default}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as err:  # user mistakes: one clear line, no traceback
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:  # user mistakes: one line, no traceback
         print(f"fwdgrad: error: {err}", file=sys.stderr)
         return 2
 

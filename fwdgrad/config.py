@@ -34,6 +34,7 @@ def parse_bytes(text) -> int:
 class TrainConfig:
     model: str = "small-cnn"
     dataset: str = "digits"
+    resolution: int = 0  # model input size; 0 = the model's default (28 small-cnn, 96 mobilenetv2)
     bits: str = "w16a8"
     rounding: str = "half_even"
     estimator: str = "spsa"

@@ -1,0 +1,124 @@
+"""A training task: a pretrained float model, a new head for the target data, quantized into a QGraph.
+
+The last mile starts from a deployed model: take the pretrained backbone, give it a head for the new
+classes (a ridge-regression linear probe on its float features by default, so that "zero-shot" means the
+best linear head the device could be shipped with), export to ONNX, and quantize with calibration on the
+training images, exactly as a user's own model would go through ``quant.convert``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from quant.convert import convert
+from quant.graph import QGraph
+
+from .config import TrainConfig
+from .trainer import TrainData
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 3, 1, 1)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 3, 1, 1)
+
+
+def model_inputs(model: str, images: np.ndarray, resolution: int) -> np.ndarray:
+    """Images in [0, 1] (N, C, H, W) -> what the model was trained on.
+
+    MobileNetV2: resized to ``resolution``, grey replicated to RGB, ImageNet-normalised. SmallCNN:
+    28x28 grey, scaled to [-1, 1] (as ``scripts/pretrain.py`` trains it).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.as_tensor(np.asarray(images, np.float32))
+    if model == "mobilenetv2":
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[-1] != resolution:
+            x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
+        return ((x.numpy() - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
+    if x.shape[-1] != 28:
+        x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)
+    return (x.numpy() * 2.0 - 1.0).astype(np.float32)
+
+
+def backbone(model: str, width: float = 1.0):
+    """The pretrained float torch model (its ``classifier`` ends in the Linear we replace)."""
+    if model == "mobilenetv2":
+        from .models.mobilenetv2 import load_imagenet_mobilenetv2
+
+        return load_imagenet_mobilenetv2(width)
+    if model == "small-cnn":
+        from .models.pretrained import pretrained_small_cnn
+
+        return pretrained_small_cnn()
+    raise ValueError(f"unknown model {model!r}: use mobilenetv2 or small-cnn")
+
+
+def float_features(net, x: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    """Penultimate activations (after global pooling), the input of the classifier."""
+    import torch
+    import torch.nn.functional as F
+
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(x), batch_size):
+            h = net.features(torch.as_tensor(x[start:start + batch_size]))
+            out.append(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1).numpy())
+    return np.concatenate(out)
+
+
+def ridge_head(features: np.ndarray, labels: np.ndarray, classes: int, alpha: float = 1.0):
+    """Least-squares linear probe on one-hot targets: W (classes, dim), b (classes)."""
+    mean = features.mean(axis=0)
+    centered = features - mean
+    targets = np.eye(classes)[labels] - 1.0 / classes
+    gram = centered.T @ centered + alpha * len(features) * np.eye(features.shape[1]) * centered.var()
+    weight = np.linalg.solve(gram, centered.T @ targets).T
+    return weight.astype(np.float32), (-weight @ mean + 1.0 / classes).astype(np.float32)
+
+
+def replace_head(net, x: np.ndarray, y: np.ndarray, classes: int, how: str, seed: int):
+    import torch
+
+    linear = net.classifier if isinstance(net.classifier, torch.nn.Linear) else net.classifier[-1]
+    if how == "keep":
+        if linear.out_features != classes:
+            raise ValueError(f"head='keep' needs {classes} outputs, the model has {linear.out_features}")
+        return net
+    new = torch.nn.Linear(linear.in_features, classes)
+    if how == "ridge":
+        w, b = ridge_head(float_features(net, x), y, classes)
+        new.weight.data, new.bias.data = torch.from_numpy(w), torch.from_numpy(b)
+    else:
+        torch.manual_seed(seed)
+        new.reset_parameters()
+    if isinstance(net.classifier, torch.nn.Linear):
+        net.classifier = new
+    else:
+        net.classifier[-1] = new
+    return net.eval()
+
+
+def prepare_data(cfg: TrainConfig) -> TrainData:
+    """The task's train/test inputs, in the model's input format (deterministic for a config)."""
+    from .data.datasets import load_dataset
+
+    train, test = load_dataset(cfg.dataset, "train"), load_dataset(cfg.dataset, "test")
+    resolution = cfg.resolution or (96 if cfg.model == "mobilenetv2" else 28)
+    train_idx = np.random.default_rng([cfg.seed, 0x5A3]).permutation(len(train.labels))[:cfg.train_samples or None]
+    test_idx = np.arange(len(test.labels))[:cfg.test_samples or None]
+    return TrainData(model_inputs(cfg.model, train.images[train_idx], resolution), train.labels[train_idx],
+                     model_inputs(cfg.model, test.images[test_idx], resolution), test.labels[test_idx])
+
+
+def prepare_graph(cfg: TrainConfig, data: TrainData, out: str | Path) -> QGraph:
+    """Pretrained backbone + new head -> ``OUT/model.onnx`` (the float model) -> quantized QGraph."""
+    from .models.onnx_export import export_onnx
+
+    classes = int(max(data.y_train.max(), data.y_test.max())) + 1
+    net = replace_head(backbone(cfg.model), data.x_train, data.y_train, classes, cfg.head, cfg.seed)
+    path = Path(out) / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_onnx(net, (1,) + data.x_train.shape[1:], path)
+    return convert(path, data.x_train[:cfg.calibration_samples], bits=cfg.bits, rounding=cfg.rounding)

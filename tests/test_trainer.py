@@ -1,0 +1,102 @@
+"""The training loop: deterministic across backends, resumable bit-exactly, honest outputs, clear errors."""
+import json
+
+import numpy as np
+import pytest
+
+from fwdgrad.config import TrainConfig, parse_bytes
+from fwdgrad.trainer import Trainer, TrainData, load_graph
+from quant.convert import convert
+
+SMALL = dict(model="residual-net", dataset="digits", bits="w16a8", selection="trady", budget="600B", epochs=2,
+             batch_size=100, m=2, eps=1.0, lr=1.0, rgn_samples=128)
+
+
+@pytest.fixture(scope="module")
+def task(residual_net):
+    _, x, y, proto = residual_net
+    graph = convert(proto, x[:200], bits="w16a8")
+    return graph, TrainData(x[:600], y[:600], x[1500:1700], y[1500:1700])
+
+
+def train(task, out, **changes):
+    graph, data = task
+    return Trainer(graph, data, TrainConfig(**(SMALL | changes)), out).run()
+
+
+def test_same_seed_same_integers_on_both_backends(task, tmp_path):
+    fast = train(task, tmp_path / "numba")
+    reference = train(task, tmp_path / "numpy", backend="numpy")
+    assert fast["weights_sha256"] == reference["weights_sha256"]
+    assert train(task, tmp_path / "seed1", seed=1)["weights_sha256"] != fast["weights_sha256"]
+
+
+def test_outputs_of_a_run(task, tmp_path):
+    summary = train(task, tmp_path / "run")
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [1, 2]
+    assert lines[-1]["forward_calls"] == summary["forward_calls"] == 2 * 6 * 2 * 2  # epochs*steps*m*2
+    assert 0 < lines[0]["trainable_bytes"] <= parse_bytes("600B")
+    assert {"zero_shot_top1", "final_top1", "best_top1", "epochs", "forward_calls", "trainable_bytes",
+            "config"} <= set(json.loads((tmp_path / "run" / "summary.json").read_text()))
+    assert (tmp_path / "run" / "rgn.json").exists()
+    assert load_graph(tmp_path / "run").input_name == task[0].input_name
+
+
+def test_killed_run_resumes_to_the_same_integers(task, tmp_path, monkeypatch):
+    whole = train(task, tmp_path / "whole", checkpoint_every=2, momentum=0.9, selection="d-full-random",
+                  resample_every=3)
+    real_step = Trainer.step
+
+    def dying_step(self, weights, momentum, masks, selection, x, y, step):
+        if step == 7:
+            raise KeyboardInterrupt("killed")
+        return real_step(self, weights, momentum, masks, selection, x, y, step)
+
+    monkeypatch.setattr(Trainer, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(task, tmp_path / "killed", checkpoint_every=2, momentum=0.9, selection="d-full-random", resample_every=3)
+    monkeypatch.setattr(Trainer, "step", real_step)
+    graph, data = task
+    cfg = TrainConfig(**(SMALL | dict(checkpoint_every=2, momentum=0.9, selection="d-full-random", resample_every=3)))
+    resumed = Trainer(load_graph(tmp_path / "killed"), data, cfg, tmp_path / "killed").run(resume=True)
+    assert resumed["weights_sha256"] == whole["weights_sha256"]
+    assert resumed["forward_calls"] == whole["forward_calls"]
+    assert len((tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_resume_of_another_config_is_refused(task, tmp_path):
+    train(task, tmp_path / "run", epochs=1)
+    graph, data = task
+    with pytest.raises(ValueError, match="another configuration"):
+        Trainer(graph, data, TrainConfig(**(SMALL | dict(epochs=1, lr=3.0))), tmp_path / "run").run(resume=True)
+
+
+def test_every_selection_method_runs_within_budget(task, tmp_path):
+    for method in ["trady", "s-full-random", "d-full-random", "s-topk-random", "s-det-rgn", "last-layer"]:
+        summary = train(task, tmp_path / method, selection=method, epochs=1)
+        if method != "last-layer":
+            assert summary["trainable_bytes"] <= 600
+
+
+@pytest.mark.parametrize("estimator", ["sign-spsa", "sharpness"])
+def test_estimator_variants_count_their_calls(task, tmp_path, estimator):
+    summary = train(task, tmp_path / estimator, estimator=estimator, epochs=1)
+    assert summary["forward_calls"] == 6 * 2 * 2 * (2 if estimator == "sharpness" else 1)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(bits="int8"), "bad bits string"), (dict(selection="topk"), "bad selection"), (dict(budget="lots"), "bad size"),
+    (dict(m=0), "m must be >= 1"), (dict(lr=0.0), "must be > 0")])
+def test_bad_settings_are_explained(bad, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**(SMALL | bad))
+
+
+def test_budget_below_one_channel_names_the_minimum(task, tmp_path):
+    with pytest.raises(ValueError, match="raise --budget to at least"):
+        train(task, tmp_path / "tiny", budget="2B")
+
+
+def test_parse_bytes():
+    assert parse_bytes("64KB") == 65536 and parse_bytes("1.5MB") == 1572864 and parse_bytes("300") == 300
