@@ -59,6 +59,7 @@ class TrainConfig:
     rgn_samples: int = 256
     checkpoint_every: int = 0  # steps between checkpoints; 0 = every epoch
     head: str = "ridge"  # how the task's classifier starts: ridge (linear probe), random, keep
+    loss: str = "float"  # float: cross-entropy on dequantized logits; integer: Q.16 lookup-table CE (no FPU)
 
     def __post_init__(self):
         parse_bits(self.bits)
@@ -67,7 +68,8 @@ class TrainConfig:
         for name, value, allowed in (("estimator", self.estimator, ESTIMATORS), ("selection", self.selection, METHODS),
                                      ("schedule", self.schedule, SCHEDULES), ("backend", self.backend, BACKENDS),
                                      ("distribution", self.distribution, DISTRIBUTIONS),
-                                     ("head", self.head, ("ridge", "random", "keep"))):
+                                     ("head", self.head, ("ridge", "random", "keep")),
+                                     ("loss", self.loss, ("float", "integer"))):
             if value not in allowed:
                 raise ValueError(f"bad {name} {value!r}: use one of {', '.join(allowed)}")
         for name in ("m", "epochs", "batch_size"):

@@ -23,7 +23,7 @@ from quant.graph import QGraph
 from .channels import Selection, selection_bytes, selection_count
 from .config import TrainConfig
 from .estimators import estimate
-from .loss import cross_entropy, top1
+from .loss import LOSS_FRACTION_BITS, cross_entropy, integer_cross_entropy, top1
 from .perturb import selection_masks
 from .selection import ChannelSampler, channel_rgn, preselect_layers
 from .update import apply_update, learning_rate
@@ -195,9 +195,10 @@ class Trainer:
         start = graph.nodes[first].name
         cache = graph.prefix(x, until=start, backend=cfg.backend)
 
+        loss_fn = cross_entropy if cfg.loss == "float" else integer_loss
+
         def loss_at(w):
-            return cross_entropy(graph.forward(cache, start=start, weights=w, backend=cfg.backend),
-                                 graph.output_params, y)
+            return loss_fn(graph.forward(cache, start=start, weights=w, backend=cfg.backend), graph.output_params, y)
 
         step_seed = int(np.random.default_rng([cfg.seed, 0x57E9, step]).integers(0, 2 ** 62))
         est = estimate(loss_at, graph, weights, masks, self.limits, step_seed=step_seed, m=cfg.m, eps=cfg.eps,
@@ -219,6 +220,11 @@ class Trainer:
                    "weights_sha256": weights_digest(weights)}
         atomic_write_json(self.out / "summary.json", summary)
         return summary
+
+
+def integer_loss(logits_int, params, labels) -> float:
+    """The integer-only loss, as the float the estimator divides (the device would keep it in Q.16)."""
+    return integer_cross_entropy(logits_int, params, labels) / (1 << LOSS_FRACTION_BITS)
 
 
 def weights_digest(weights: dict) -> str:

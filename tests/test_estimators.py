@@ -112,3 +112,15 @@ def test_update_moves_against_the_gradient_and_saturates(digits_graph):
     assert loss_at(weights) < before
     huge = apply_update(graph, weights, est, 1e9, 1.0, limits, 0)
     assert np.abs(huge[head.weight_key]).max() == limits[head.weight_key]
+
+
+@pytest.mark.parametrize("bits, scale", [(8, 0.1), (8, 0.02), (16, 0.001)])
+def test_integer_cross_entropy_matches_float(bits, scale):
+    from fwdgrad.loss import integer_cross_entropy
+    from quant.tensor import QParams
+
+    rng = np.random.default_rng(bits)
+    params = QParams(scale, 0, bits)
+    logits = rng.integers(params.qmin // 2, params.qmax // 2, (64, 10))
+    labels = rng.integers(0, 10, 64)
+    assert abs(integer_cross_entropy(logits, params, labels) / 65536 - cross_entropy(logits, params, labels)) < 0.005

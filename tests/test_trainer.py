@@ -79,6 +79,12 @@ def test_every_selection_method_runs_within_budget(task, tmp_path):
             assert summary["trainable_bytes"] <= 600
 
 
+def test_integer_loss_trains_like_the_float_loss(task, tmp_path):
+    integer = train(task, tmp_path / "int", loss="integer")
+    assert integer["forward_calls"] == 2 * 6 * 2 * 2
+    assert integer["final_top1"] >= integer["zero_shot_top1"] - 0.05
+
+
 @pytest.mark.parametrize("estimator", ["sign-spsa", "sharpness"])
 def test_estimator_variants_count_their_calls(task, tmp_path, estimator):
     summary = train(task, tmp_path / estimator, estimator=estimator, epochs=1)
