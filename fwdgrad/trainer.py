@@ -74,6 +74,13 @@ class Trainer:
         self.limits = {n.weight_key: n.w_params.qmax for n in graph.weighted_nodes()}
         self.steps_per_epoch = -(-len(data.x_train) // config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
+        self.node_macs = list(graph.macs((1,) + data.x_train.shape[1:]).values())  # per sample
+
+    def step_macs(self, selection: Selection, calls: int) -> tuple[int, int]:
+        """(MACs a step computes with the shared prefix, MACs of ``calls`` full passes), per sample."""
+        first = min(self.graph.index(name) for name in selection)
+        prefix, suffix = sum(self.node_macs[:first]), sum(self.node_macs[first:])
+        return prefix + calls * suffix, calls * (prefix + suffix)
 
     # ---- state ----------------------------------------------------------------------------------------
     def initial_weights(self) -> dict:
@@ -173,6 +180,8 @@ class Trainer:
                 record = {"epoch": state["epochs_done"], "train_loss": float(np.mean(epoch_losses)),
                           "test_loss": test_loss, "test_top1": test_top1, "forward_calls": state["forward_calls"],
                           "selected_channels": selection_count(selection),
+                          "step_macs_per_sample": self.step_macs(selection, calls)[0],
+                          "full_pass_macs_per_sample": self.step_macs(selection, calls)[1],
                           "trainable_bytes": selection_bytes(graph, selection, cfg.momentum > 0),
                           "wall_seconds": time.perf_counter() - started}
                 state["history"].append(record)

@@ -37,6 +37,7 @@ def test_outputs_of_a_run(task, tmp_path):
     assert [l["epoch"] for l in lines] == [1, 2]
     assert lines[-1]["forward_calls"] == summary["forward_calls"] == 2 * 6 * 2 * 2  # epochs*steps*m*2
     assert 0 < lines[0]["trainable_bytes"] <= parse_bytes("600B")
+    assert 0 < lines[0]["step_macs_per_sample"] <= lines[0]["full_pass_macs_per_sample"]
     assert {"zero_shot_top1", "final_top1", "best_top1", "epochs", "forward_calls", "trainable_bytes",
             "config"} <= set(json.loads((tmp_path / "run" / "summary.json").read_text()))
     assert (tmp_path / "run" / "rgn.json").exists()
