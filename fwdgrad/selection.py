@@ -32,6 +32,34 @@ def channel_rgn(graph, x: np.ndarray, y: np.ndarray, weights: dict | None = None
     return {node.name: np.sqrt(sums[node.name]) / channel_bytes(node) for node in graph.weighted_nodes()}
 
 
+def channel_rgn_zo(graph, x: np.ndarray, y: np.ndarray, samples: int = 64, eps: float = 1.0, seed: int = 0,
+                   backend: str = "numba") -> dict[str, np.ndarray]:
+    """RGN from forward calls only, for machines without torch: the per-channel root mean square of
+    ``g_i * delta_i`` over ``samples`` whole-network perturbations (an estimate of the gradient's second
+    moment; noisier than the twin's gradients, but enough to rank layers)."""
+    from .channels import input_channels, per_channel_sum
+    from .estimators import estimate
+    from .loss import cross_entropy
+    from .perturb import selection_masks
+
+    selection = {n.name: np.arange(input_channels(n)) for n in graph.weighted_nodes()}
+    masks = selection_masks(graph, selection)
+    weights = {n.weight_key: n.weight for n in graph.weighted_nodes()}
+    limits = {n.weight_key: n.w_params.qmax for n in graph.weighted_nodes()}
+
+    def loss_at(w):
+        return cross_entropy(graph.forward(x, weights=w, backend=backend), graph.output_params, y)
+
+    second = {key: np.zeros(mask.shape) for key, mask in masks.items()}
+    for i in range(samples):
+        est = estimate(loss_at, graph, weights, masks, limits, step_seed=seed * 1_000_003 + i, m=1, eps=eps,
+                       distribution="gaussian", method="spsa")
+        for key, d in est.perturbations[0].delta.items():
+            second[key][masks[key]] += (est.projected[0] * d / eps) ** 2
+    return {n.name: np.sqrt(per_channel_sum(n, second[n.weight_key]) / samples) / channel_bytes(n)
+            for n in graph.weighted_nodes()}
+
+
 def preselect_layers(rgn: dict[str, np.ndarray], coverage: float = 0.97) -> list[str]:
     """The highest-RGN layers that together hold ``coverage`` of the total RGN (TraDy's preselection)."""
     scores = {name: float(v.sum()) for name, v in rgn.items()}

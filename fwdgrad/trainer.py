@@ -25,7 +25,7 @@ from .config import TrainConfig
 from .estimators import estimate
 from .loss import LOSS_FRACTION_BITS, cross_entropy, integer_cross_entropy, top1
 from .perturb import selection_masks
-from .selection import ChannelSampler, channel_rgn, preselect_layers
+from .selection import ChannelSampler, channel_rgn, channel_rgn_zo, preselect_layers
 from .update import apply_update, learning_rate
 
 
@@ -114,14 +114,23 @@ class Trainer:
         return ChannelSampler(self.graph, cfg.selection, cfg.budget_bytes, cfg.seed, preselected, rgn)
 
     def layer_rgn(self) -> dict[str, np.ndarray]:
-        """Channel RGN from the PyTorch float twin on a slice of the training data, cached in OUT."""
-        path = self.out / "rgn.json"
-        if path.exists():
-            return {k: np.array(v) for k, v in json.loads(path.read_text()).items()}
-        n = min(self.config.rgn_samples, len(self.data.x_train))
-        rgn = channel_rgn(self.graph, self.data.x_train[:n], self.data.y_train[:n])
-        atomic_write_json(path, {k: v.tolist() for k, v in rgn.items()})
-        return rgn
+        """Channel RGN, computed once per architecture and bit width (TraDy ranks layers per architecture)
+        and kept in the cache; copied into OUT/rgn.json with the run. From the PyTorch float twin, or from
+        forward-only estimates where torch is not installed."""
+        path = rgn_cache_dir() / f"{architecture_digest(self.graph)}.json"
+        if not path.exists():
+            n = min(self.config.rgn_samples, len(self.data.x_train))
+            x, y = self.data.x_train[:n], self.data.y_train[:n]
+            try:
+                import torch  # noqa: F401  (the twin needs it)
+                rgn, source = channel_rgn(self.graph, x, y), "pytorch-twin"
+            except ImportError:
+                rgn, source = channel_rgn_zo(self.graph, x, y, backend=self.config.backend), "zo-estimate"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, {"source": source, "rgn": {k: v.tolist() for k, v in rgn.items()}})
+        stored = json.loads(path.read_text())
+        atomic_write_json(self.out / "rgn.json", stored)
+        return {k: np.array(v) for k, v in stored["rgn"].items()}
 
     def period_of(self, step: int) -> int:
         every = self.config.resample_every
@@ -229,6 +238,19 @@ class Trainer:
                    "weights_sha256": weights_digest(weights)}
         atomic_write_json(self.out / "summary.json", summary)
         return summary
+
+
+def rgn_cache_dir() -> Path:
+    root = os.environ.get("FWDGRAD_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "fwdgrad") / "rgn"
+
+
+def architecture_digest(graph: QGraph) -> str:
+    """Identity of an architecture at a bit width: node types, names and weight shapes (not values)."""
+    import hashlib
+
+    parts = [graph.bits] + [f"{n.op_type}:{n.name}:{getattr(n, 'weight', np.empty(0)).shape}" for n in graph.nodes]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def integer_loss(logits_int, params, labels) -> float:

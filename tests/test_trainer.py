@@ -12,6 +12,11 @@ SMALL = dict(model="residual-net", dataset="digits", bits="w16a8", selection="tr
              batch_size=100, m=2, eps=1.0, lr=1.0, rgn_samples=128)
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FWDGRAD_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="module")
 def task(residual_net):
     _, x, y, proto = residual_net
@@ -103,6 +108,17 @@ def test_bad_settings_are_explained(bad, message):
 def test_budget_below_one_channel_names_the_minimum(task, tmp_path):
     with pytest.raises(ValueError, match="raise --budget to at least"):
         train(task, tmp_path / "tiny", budget="2B")
+
+
+def test_rgn_without_torch_ranks_layers_like_the_twin(task):
+    from fwdgrad.selection import channel_rgn, channel_rgn_zo
+
+    graph, data = task
+    twin = channel_rgn(graph, data.x_train[:128], data.y_train[:128])
+    zo = channel_rgn_zo(graph, data.x_train[:128], data.y_train[:128], samples=48)
+    twin_layers = np.array([twin[k].sum() for k in twin])
+    zo_layers = np.array([zo[k].sum() for k in twin])
+    assert np.corrcoef(np.log(twin_layers), np.log(zo_layers))[0, 1] > 0.5
 
 
 def test_parse_bytes():
