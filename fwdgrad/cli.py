@@ -54,7 +54,8 @@ def _cmd_train(args) -> int:
 
     from fwdgrad.config import TrainConfig
     from fwdgrad.task import prepare_data, prepare_graph
-    from fwdgrad.trainer import Trainer, load_graph
+    from fwdgrad.backprop import trainer_for
+    from fwdgrad.trainer import load_graph
 
     overrides = _train_overrides(args)
     if args.resume:
@@ -73,7 +74,7 @@ def _cmd_train(args) -> int:
         graph = None
     data = prepare_data(cfg)
     graph = graph or prepare_graph(cfg, data, out)
-    summary = Trainer(graph, data, cfg, out).run(resume=bool(args.resume))
+    summary = trainer_for(cfg)(graph, data, cfg, out).run(resume=bool(args.resume))
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
     return 0
 

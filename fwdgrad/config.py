@@ -30,8 +30,12 @@ def parse_bytes(text) -> int:
     return int(float(match.group(1)) * {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}[unit])
 
 
+TRAINING_METHODS = ("zo", "bp", "bp-fq")  # forward gradients; backprop float32; backprop fake-quantized
+
+
 @dataclass
 class TrainConfig:
+    method: str = "zo"
     model: str = "small-cnn"
     dataset: str = "digits"
     resolution: int = 0  # model input size; 0 = the model's default (28 small-cnn, 96 mobilenetv2)
@@ -44,6 +48,7 @@ class TrainConfig:
     m: int = 4  # perturbations per step
     eps: float = 2.0  # perturbation size, in 8-bit weight steps
     lr: float = 0.5  # in 8-bit weight steps per unit of projected gradient
+    bp_lr: float = 0.05  # backprop reference: SGD learning rate on the real-valued weights
     schedule: str = "cosine"
     warmup_steps: int = 0
     momentum: float = 0.0
@@ -65,7 +70,8 @@ class TrainConfig:
         parse_bits(self.bits)
         check_rounding(self.rounding)
         parse_bytes(self.budget)
-        for name, value, allowed in (("estimator", self.estimator, ESTIMATORS), ("selection", self.selection, METHODS),
+        for name, value, allowed in (("method", self.method, TRAINING_METHODS),
+                                     ("estimator", self.estimator, ESTIMATORS), ("selection", self.selection, METHODS),
                                      ("schedule", self.schedule, SCHEDULES), ("backend", self.backend, BACKENDS),
                                      ("distribution", self.distribution, DISTRIBUTIONS),
                                      ("head", self.head, ("ridge", "random", "keep")),
@@ -75,8 +81,8 @@ class TrainConfig:
         for name in ("m", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.eps <= 0 or self.lr <= 0:
-            raise ValueError(f"eps and lr must be > 0, got eps={self.eps}, lr={self.lr}")
+        if self.eps <= 0 or self.lr <= 0 or self.bp_lr <= 0:
+            raise ValueError(f"eps, lr and bp_lr must be > 0, got eps={self.eps}, lr={self.lr}, bp_lr={self.bp_lr}")
 
     @property
     def budget_bytes(self) -> int:

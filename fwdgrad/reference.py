@@ -31,11 +31,28 @@ def float_weights(graph: QGraph, weights: dict | None = None) -> dict[str, np.nd
     return out
 
 
-class FloatTwin:
-    """Callable float model of ``graph``: ``twin(x, params)`` with ``params`` a dict of torch tensors."""
+def _fake_quant(t, params: QParams, axis: int | None = None):
+    """Round ``t`` onto the integer grid of ``params`` in the forward pass, identity in the backward pass
+    (the straight-through estimator of quantization-aware training)."""
+    import torch
 
-    def __init__(self, graph: QGraph):
+    scale = torch.as_tensor(np.asarray(params.scale, np.float32))
+    if axis is not None and scale.ndim:
+        scale = scale.reshape([-1 if i == axis else 1 for i in range(t.ndim)])
+    q = torch.clamp(torch.round(t / scale) + params.zero_point, params.qmin, params.qmax)
+    return t + ((q - params.zero_point) * scale - t).detach()
+
+
+class FloatTwin:
+    """Callable float model of ``graph``: ``twin(x, params)`` with ``params`` a dict of torch tensors.
+
+    With ``fake_quant`` the twin rounds the input, every weight and every node output onto the graph's
+    integer grids (straight-through gradients): the backprop reference for quantization-aware training,
+    whose forward pass matches the integer engine up to requantization rounding."""
+
+    def __init__(self, graph: QGraph, fake_quant: bool = False):
         self.graph = graph
+        self.fake_quant = fake_quant
 
     def parameters(self, weights: dict | None = None, requires_grad: bool = True) -> dict:
         import torch
@@ -47,6 +64,10 @@ class FloatTwin:
         import torch.nn.functional as F
 
         env = {self.graph.input_name: torch.as_tensor(np.asarray(x, np.float32))}
+        if self.fake_quant:
+            env[self.graph.input_name] = _fake_quant(env[self.graph.input_name], self.graph.input_params)
+            params = params | {n.weight_key: _fake_quant(params[n.weight_key], n.w_params, 0)
+                               for n in self.graph.weighted_nodes()}
         for node in self.graph.nodes:
             xs = [env[t] for t in node.inputs]
             if isinstance(node, QConv):
@@ -73,7 +94,7 @@ class FloatTwin:
                 y = torch.cat(xs, dim=node.axis)
             else:
                 raise NotImplementedError(f"no float twin for {type(node).__name__}")
-            env[node.output] = y
+            env[node.output] = _fake_quant(y, node.out_params) if self.fake_quant else y
         return env[self.graph.output_name]
 
 

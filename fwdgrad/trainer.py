@@ -82,6 +82,15 @@ class Trainer:
         prefix, suffix = sum(self.node_macs[:first]), sum(self.node_macs[first:])
         return prefix + calls * suffix, calls * (prefix + suffix)
 
+    progress_label = "zo-train"
+
+    def evaluate(self, weights: dict, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        return evaluate(self.graph, weights, x, y, self.config.backend)
+
+    def integer_weights(self, weights: dict) -> dict:
+        """The trained state as the graph's integers (the ZO trainer already trains integers)."""
+        return weights
+
     # ---- state ----------------------------------------------------------------------------------------
     def initial_weights(self) -> dict:
         return {n.weight_key: n.weight.copy() for n in self.graph.weighted_nodes()}
@@ -149,7 +158,7 @@ class Trainer:
             atomic_write_json(self.out / "config.json", cfg.to_dict())
             atomic_write_bytes(self.ckpt / "graph.pkl", pickle.dumps(graph))
             weights, momentum = self.initial_weights(), {}
-            zero_loss, zero_top1 = evaluate(graph, weights, data.x_test, data.y_test, cfg.backend)
+            zero_loss, zero_top1 = self.evaluate(weights, data.x_test, data.y_test)
             state = {"step": 0, "forward_calls": 0, "epochs_done": 0, "history": [], "config_digest": cfg.digest(),
                      "zero_shot_top1": zero_top1, "zero_shot_loss": zero_loss, "train_seconds": 0.0}
             (self.out / "metrics.jsonl").write_text("")
@@ -163,14 +172,14 @@ class Trainer:
         masks = selection_masks(graph, selection) if selection else None
         epoch_losses = list(state.get("epoch_losses", []))
         started = time.perf_counter() - state["train_seconds"]
-        bar = tqdm(total=self.total_steps, initial=state["step"], desc="zo-train", unit="step")
+        bar = tqdm(total=self.total_steps, initial=state["step"], desc=self.progress_label, unit="step")
         while state["step"] < self.total_steps:
             step = state["step"]
             epoch, index = divmod(step, self.steps_per_epoch)
             if self.period_of(step) != period:
                 period = self.period_of(step)
                 rgn_now = channel_rgn(graph, data.x_train[:cfg.rgn_samples], data.y_train[:cfg.rgn_samples],
-                                      weights) if cfg.selection == "d-det-rgn" else None
+                                      self.integer_weights(weights)) if cfg.selection == "d-det-rgn" else None
                 selection = sampler.select(period, rgn_now)
                 momentum = {}  # newly selected channels start from rest
                 state["period"], state["selection"] = period, {k: v.tolist() for k, v in selection.items()}
@@ -185,7 +194,7 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.3f}")
             if state["step"] % self.steps_per_epoch == 0:
                 state["epochs_done"] += 1
-                test_loss, test_top1 = evaluate(graph, weights, data.x_test, data.y_test, cfg.backend)
+                test_loss, test_top1 = self.evaluate(weights, data.x_test, data.y_test)
                 record = {"epoch": state["epochs_done"], "train_loss": float(np.mean(epoch_losses)),
                           "test_loss": test_loss, "test_top1": test_top1, "forward_calls": state["forward_calls"],
                           "selected_channels": selection_count(selection),
