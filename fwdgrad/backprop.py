@@ -30,20 +30,24 @@ class BackpropTrainer(Trainer):
     def __init__(self, graph, data, config, out):
         super().__init__(graph, data, config, out)
         self.twin = FloatTwin(graph, fake_quant=config.method == "bp-fq")
-        self.frozen = {k: v for k, v in float_weights(graph).items() if k.endswith(".bias")}
-
     def initial_weights(self) -> dict:
-        return {k: v for k, v in float_weights(self.graph).items() if not k.endswith(".bias")}
+        return float_weights(self.graph)
 
     def integer_weights(self, weights: dict) -> dict:
-        """Float weights rounded onto the graph's per-channel grids (what the device would store)."""
-        return {n.weight_key: quantize(weights[n.weight_key], n.w_params) for n in self.graph.weighted_nodes()}
+        """Float weights and biases rounded onto the graph's grids (what the device would store)."""
+        out = {}
+        for n in self.graph.weighted_nodes():
+            out[n.weight_key] = quantize(weights[n.weight_key], n.w_params)
+            bias_scale = np.float64(n.in_params.scale) * n.w_params.scale.astype(np.float64)
+            limit = np.iinfo(n.bias.dtype).max
+            out[n.bias_key] = np.clip(np.rint(weights[n.bias_key] / bias_scale), -limit, limit).astype(n.bias.dtype)
+        return out
 
     def logits(self, weights: dict, x: np.ndarray, grad_keys=()):
         import torch
 
         params = {k: torch.tensor(v, requires_grad=k in grad_keys) for k, v in weights.items()}
-        return self.twin(x, params | {k: torch.from_numpy(v) for k, v in self.frozen.items()}), params
+        return self.twin(x, params), params
 
     def evaluate(self, weights: dict, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> tuple[float, float]:
         if self.twin.fake_quant:

@@ -44,9 +44,17 @@ def channel_bytes(node: WeightedNode) -> int:
     return weights_per_channel(node) * node.w_params.bits // 8
 
 
-def selection_bytes(graph, selection: Selection, momentum: bool = False) -> int:
-    """Trainable bytes of a selection: the channels' weights (and a momentum copy at the same width)."""
+def bias_bytes(node: WeightedNode) -> int:
+    """Bytes of a layer's bias (int32, or int64 beside 16-bit operands), trained whole with its layer."""
+    return int(node.bias.size * node.bias.dtype.itemsize)
+
+
+def selection_bytes(graph, selection: Selection, momentum: bool = False, bias: bool = False) -> int:
+    """Trainable bytes of a selection: the channels' weights, the selected layers' biases when they train,
+    and a momentum copy of both at the same width."""
     total = sum(channel_bytes(graph.node(name)) * len(chans) for name, chans in selection.items())
+    if bias:
+        total += sum(bias_bytes(graph.node(name)) for name in selection)
     return total * (2 if momentum else 1)
 
 

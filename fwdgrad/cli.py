@@ -131,9 +131,17 @@ def _add_config_flags(parser) -> None:
     from fwdgrad.config import TrainConfig
 
     for f in fields(TrainConfig):
-        kind = type(f.default)
+        kind = _parse_bool if isinstance(f.default, bool) else type(f.default)
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
                             help=f"default: {f.default}")
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,6 +52,7 @@ class TrainConfig:
     schedule: str = "cosine"
     warmup_steps: int = 0
     momentum: float = 0.0
+    train_bias: bool = True  # biases of the selected layers train too (their bytes count in the budget)
     distribution: str = "gaussian"
     rho: float = 2.0  # sharpness-aware neighbour distance, 8-bit weight steps
     epochs: int = 5

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from .perturb import Perturbation, draw, node_of, weight_unit
+from .perturb import Perturbation, draw, step_unit
 
 ESTIMATORS = ("spsa", "sign-spsa", "sharpness")
 
@@ -66,12 +66,12 @@ def _direction(graph, est: Estimate) -> dict[str, np.ndarray]:
     grad = {}
     for p, g in zip(est.perturbations, est.projected):
         for key, d in p.delta.items():
-            grad[key] = grad.get(key, 0.0) + g * d / weight_unit(node_of(graph, key))
+            grad[key] = grad.get(key, 0.0) + g * d / step_unit(graph, key)
     norm = np.sqrt(sum(float(np.sum(v ** 2)) for v in grad.values())) or 1.0
     return {key: v / norm for key, v in grad.items()}
 
 
 def _neighbour(graph, weights, masks, direction, rho, limits) -> dict:
     """The ascent neighbour ``w + rho * d`` (rho in 8-bit weight steps, rounded to the integer grid)."""
-    step = {key: np.rint(rho * weight_unit(node_of(graph, key)) * d).astype(np.int64) for key, d in direction.items()}
+    step = {key: np.rint(rho * step_unit(graph, key) * d).astype(np.int64) for key, d in direction.items()}
     return weights | Perturbation(-1, masks, step).apply(weights, +1, limits)

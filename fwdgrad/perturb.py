@@ -5,6 +5,10 @@ weights in a canonical order (layers in graph order, channels sorted, weights in
 ``delta = rint(eps * unit * z)`` integers, where ``unit = 2**(bits - 8)`` so that ``eps`` means the same
 real step for 8- and 16-bit weights (it is counted in 8-bit weight steps). The update regenerates the same
 integers from the same seed, so memory holds seeds, not vectors (MeZO's trick).
+
+Biases (int32 at scale ``s_x * s_w``) train with their layer. Their step is the output change of one 8-bit
+weight step on an input at half the activation range, ``2**(a_bits - 1)`` integer input steps, so one ``eps``
+moves weights and biases by comparable amounts of the layer's output.
 """
 from __future__ import annotations
 
@@ -17,13 +21,25 @@ from .channels import Selection, channel_mask
 DISTRIBUTIONS = ("gaussian", "rademacher")
 
 
-def node_of(graph, weight_key: str):
-    return graph.node(weight_key.removesuffix(".weight"))
+def node_of(graph, key: str):
+    return graph.node(key.removesuffix(".weight").removesuffix(".bias"))
 
 
-def weight_unit(node) -> int:
-    """Integer steps per 8-bit weight step: 1 for int8 weights, 256 for int16."""
-    return 1 << (node.w_params.bits - 8)
+def step_unit(graph, key: str) -> int:
+    """Integer steps per "8-bit weight step": 1 for int8 weights, 256 for int16; for a bias, that weight
+    step times ``2**(a_bits - 1)`` input steps."""
+    node = node_of(graph, key)
+    unit = 1 << (node.w_params.bits - 8)
+    return unit << (node.in_params.bits - 1) if key.endswith(".bias") else unit
+
+
+def integer_limits(graph) -> dict[str, int]:
+    """Saturation bound of every trainable integer array: the weights' narrow range, the bias dtype's."""
+    limits = {}
+    for node in graph.weighted_nodes():
+        limits[node.weight_key] = node.w_params.qmax
+        limits[node.bias_key] = int(np.iinfo(node.bias.dtype).max)
+    return limits
 
 
 @dataclass
@@ -44,8 +60,15 @@ class Perturbation:
         return moved
 
 
-def selection_masks(graph, selection: Selection) -> dict[str, np.ndarray]:
-    return {graph.node(name).weight_key: channel_mask(graph.node(name), chans) for name, chans in selection.items()}
+def selection_masks(graph, selection: Selection, bias: bool = False) -> dict[str, np.ndarray]:
+    """Masks of the selected weights; with ``bias``, the whole bias of every selected layer too."""
+    masks = {}
+    for name, chans in selection.items():
+        node = graph.node(name)
+        masks[node.weight_key] = channel_mask(node, chans)
+        if bias:
+            masks[node.bias_key] = np.ones(node.bias.shape, dtype=bool)
+    return masks
 
 
 def draw(seed: int, graph, masks: dict[str, np.ndarray], eps: float, distribution: str = "gaussian") -> Perturbation:
@@ -56,5 +79,5 @@ def draw(seed: int, graph, masks: dict[str, np.ndarray], eps: float, distributio
     for key, mask in masks.items():
         count = int(mask.sum())
         z = rng.standard_normal(count) if distribution == "gaussian" else rng.choice([-1.0, 1.0], count)
-        delta[key] = np.rint(eps * weight_unit(node_of(graph, key)) * z).astype(np.int64)
+        delta[key] = np.rint(eps * step_unit(graph, key) * z).astype(np.int64)
     return Perturbation(seed, masks, delta)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .channels import Selection, channel_bytes, input_channels
+from .channels import Selection, bias_bytes, channel_bytes, input_channels
 
 METHODS = ("trady", "s-full-random", "d-full-random", "s-topk-random", "s-det-rgn", "d-det-rgn", "last-layer", "all")
 STATIC = {"s-full-random", "s-topk-random", "s-det-rgn", "last-layer", "all"}
@@ -40,12 +40,12 @@ def channel_rgn_zo(graph, x: np.ndarray, y: np.ndarray, samples: int = 64, eps: 
     from .channels import input_channels, per_channel_sum
     from .estimators import estimate
     from .loss import cross_entropy
-    from .perturb import selection_masks
+    from .perturb import integer_limits, selection_masks
 
     selection = {n.name: np.arange(input_channels(n)) for n in graph.weighted_nodes()}
     masks = selection_masks(graph, selection)
     weights = {n.weight_key: n.weight for n in graph.weighted_nodes()}
-    limits = {n.weight_key: n.w_params.qmax for n in graph.weighted_nodes()}
+    limits = integer_limits(graph)
 
     def loss_at(w):
         return cross_entropy(graph.forward(x, weights=w, backend=backend), graph.output_params, y)
@@ -83,6 +83,7 @@ class ChannelSampler:
     seed: int
     preselected: list[str] | None = None
     rgn: dict[str, np.ndarray] | None = None
+    train_bias: bool = False  # a layer's first channel also brings its bias into the budget
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -92,7 +93,8 @@ class ChannelSampler:
         if self.method in ("s-det-rgn", "d-det-rgn") and self.rgn is None:
             raise ValueError(f"{self.method} needs channel RGN scores")
         if self.method not in ("all", "last-layer"):
-            smallest = min(channel_bytes(n) for n in self.graph.weighted_nodes())
+            smallest = min(channel_bytes(n) + (bias_bytes(n) if self.train_bias else 0)
+                           for n in self.graph.weighted_nodes())
             if self.budget_bytes is None or self.budget_bytes < smallest:
                 raise ValueError(f"budget {self.budget_bytes} bytes is below one channel ({smallest} bytes): "
                                  f"raise --budget to at least {smallest}B")
@@ -105,10 +107,12 @@ class ChannelSampler:
         chosen: dict[str, list[int]] = {}
         left = self.budget_bytes
         sizes = {n.name: channel_bytes(n) for n in self.graph.weighted_nodes()}
+        entry = {n.name: bias_bytes(n) if self.train_bias else 0 for n in self.graph.weighted_nodes()}
         for name, c in ordered:
-            if sizes[name] <= left:
+            cost = sizes[name] + (0 if name in chosen else entry[name])
+            if cost <= left:
                 chosen.setdefault(name, []).append(c)
-                left -= sizes[name]
+                left -= cost
         return self._ordered(chosen)
 
     def _ordered(self, chosen: dict[str, list[int]]) -> Selection:

@@ -24,7 +24,7 @@ from .channels import Selection, selection_bytes, selection_count
 from .config import TrainConfig
 from .estimators import estimate
 from .loss import LOSS_FRACTION_BITS, cross_entropy, integer_cross_entropy, top1
-from .perturb import selection_masks
+from .perturb import integer_limits, selection_masks
 from .selection import ChannelSampler, channel_rgn, channel_rgn_zo, preselect_layers
 from .update import apply_update, learning_rate
 
@@ -71,7 +71,7 @@ class Trainer:
         self.graph, self.data, self.config = graph, data, config
         self.out = Path(out)
         self.ckpt = self.out / "checkpoint"
-        self.limits = {n.weight_key: n.w_params.qmax for n in graph.weighted_nodes()}
+        self.limits = integer_limits(graph)
         self.steps_per_epoch = -(-len(data.x_train) // config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.node_macs = list(graph.macs((1,) + data.x_train.shape[1:]).values())  # per sample
@@ -93,7 +93,9 @@ class Trainer:
 
     # ---- state ----------------------------------------------------------------------------------------
     def initial_weights(self) -> dict:
-        return {n.weight_key: n.weight.copy() for n in self.graph.weighted_nodes()}
+        """Every layer's weights and bias (trained or not, so a checkpoint is the whole model)."""
+        return {k: v.copy() for n in self.graph.weighted_nodes() for k, v in ((n.weight_key, n.weight),
+                                                                               (n.bias_key, n.bias))}
 
     def save(self, state: dict, weights: dict, momentum: dict) -> None:
         """Weights first (under a step-specific name), then the state that points at them."""
@@ -120,7 +122,7 @@ class Trainer:
         if cfg.selection in ("trady", "s-topk-random", "s-det-rgn", "d-det-rgn"):
             rgn = self.layer_rgn()
             preselected = preselect_layers(rgn)
-        return ChannelSampler(self.graph, cfg.selection, cfg.budget_bytes, cfg.seed, preselected, rgn)
+        return ChannelSampler(self.graph, cfg.selection, cfg.budget_bytes, cfg.seed, preselected, rgn, cfg.train_bias)
 
     def layer_rgn(self) -> dict[str, np.ndarray]:
         """Channel RGN, computed once per architecture and bit width (TraDy ranks layers per architecture)
@@ -169,7 +171,7 @@ class Trainer:
             selection = {k: np.array(v, dtype=np.int64) for k, v in state["selection"].items()}
         else:
             period, selection = None, None
-        masks = selection_masks(graph, selection) if selection else None
+        masks = selection_masks(graph, selection, cfg.train_bias) if selection else None
         epoch_losses = list(state.get("epoch_losses", []))
         started = time.perf_counter() - state["train_seconds"]
         bar = tqdm(total=self.total_steps, initial=state["step"], desc=self.progress_label, unit="step")
@@ -183,7 +185,7 @@ class Trainer:
                 selection = sampler.select(period, rgn_now)
                 momentum = {}  # newly selected channels start from rest
                 state["period"], state["selection"] = period, {k: v.tolist() for k, v in selection.items()}
-                masks = selection_masks(graph, selection)
+                masks = selection_masks(graph, selection, cfg.train_bias)
             order = np.random.default_rng([cfg.seed, 0xDA7A, epoch]).permutation(len(data.x_train))
             batch = order[index * cfg.batch_size:(index + 1) * cfg.batch_size]
             loss, calls = self.step(weights, momentum, masks, selection, data.x_train[batch], data.y_train[batch], step)
@@ -200,7 +202,7 @@ class Trainer:
                           "selected_channels": selection_count(selection),
                           "step_macs_per_sample": self.step_macs(selection, calls)[0],
                           "full_pass_macs_per_sample": self.step_macs(selection, calls)[1],
-                          "trainable_bytes": selection_bytes(graph, selection, cfg.momentum > 0),
+                          "trainable_bytes": selection_bytes(graph, selection, cfg.momentum > 0, cfg.train_bias),
                           "wall_seconds": time.perf_counter() - started}
                 state["history"].append(record)
                 with open(self.out / "metrics.jsonl", "a") as f:

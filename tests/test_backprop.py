@@ -88,9 +88,10 @@ def test_backprop_moves_only_the_selected_channels(task, tmp_path):
     trainer = BackpropTrainer(graph, data, cfg, tmp_path / "last")
     trainer.run()
     _, weights, _ = trainer.load()
-    last = graph.weighted_nodes()[-1].weight_key
-    moved = {k for k, v in trainer.integer_weights(weights).items() if not np.array_equal(v, graph.node(k[:-7]).weight)}
-    assert moved == {last}
+    last = graph.weighted_nodes()[-1]
+    stored = {k: v for n in graph.weighted_nodes() for k, v in ((n.weight_key, n.weight), (n.bias_key, n.bias))}
+    moved = {k for k, v in trainer.integer_weights(weights).items() if not np.array_equal(v, stored[k])}
+    assert moved == {last.weight_key, last.bias_key}
 
 
 def test_bad_method_is_refused():

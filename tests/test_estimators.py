@@ -6,7 +6,7 @@ import torch
 from fwdgrad.channels import channel_mask, per_channel_sum, selection_bytes
 from fwdgrad.estimators import estimate
 from fwdgrad.loss import cross_entropy
-from fwdgrad.perturb import draw, selection_masks
+from fwdgrad.perturb import draw, integer_limits, selection_masks
 from fwdgrad.reference import FloatTwin, float_weights, gradients
 from fwdgrad.update import apply_update, stochastic_round
 from quant.convert import convert
@@ -41,7 +41,7 @@ def test_estimator_expectation_follows_the_true_gradient(digits_graph, mode):
     selection = {head.name: np.arange(head.weight.shape[1])}
     masks = selection_masks(graph, selection)
     weights = {n.weight_key: n.weight for n in graph.weighted_nodes()}
-    limits = {n.weight_key: n.w_params.qmax for n in graph.weighted_nodes()}
+    limits = integer_limits(graph)
     twin = FloatTwin(graph)
 
     if mode == "float":
@@ -61,6 +61,21 @@ def test_estimator_expectation_follows_the_true_gradient(digits_graph, mode):
     # the estimate lives in the integer grid: d(loss)/d(w_int) = d(loss)/d(w_real) * s_w (per output channel)
     true_int = (true * head.w_params.scale[:, None])[masks[head.weight_key]]
     assert cosine(est, true_int) > 0.9
+
+
+def test_bias_estimate_follows_the_true_bias_gradient(digits_graph):
+    graph, x, y = digits_graph
+    head = graph.weighted_nodes()[-1]
+    masks = {head.bias_key: np.ones(head.bias.shape, dtype=bool)}
+    weights = {head.bias_key: head.bias}
+    cache = graph.prefix(x, until=head.name)
+
+    def loss_at(w):
+        return cross_entropy(graph.forward(cache, start=head.name, weights=w), graph.output_params, y)
+
+    est = mean_estimate(loss_at, graph, weights, masks, integer_limits(graph), 1.0, 1500)[head.bias_key]
+    true = gradients(graph, x, y)[head.bias_key]  # d(loss)/d(b_int) = d(loss)/d(b_real) * s_x * s_w
+    assert cosine(est, true * head.w_params.scale * float(head.in_params.scale)) > 0.9
 
 
 def test_perturbations_regenerate_from_their_seed(digits_graph):
@@ -98,7 +113,7 @@ def test_update_moves_against_the_gradient_and_saturates(digits_graph):
     head = graph.weighted_nodes()[-1]
     masks = selection_masks(graph, {head.name: np.arange(head.weight.shape[1])})
     weights = {n.weight_key: n.weight for n in graph.weighted_nodes()}
-    limits = {n.weight_key: n.w_params.qmax for n in graph.weighted_nodes()}
+    limits = integer_limits(graph)
     cache = graph.prefix(x, until=head.name)
 
     def loss_at(w):

@@ -85,6 +85,20 @@ def test_every_selection_method_runs_within_budget(task, tmp_path):
             assert summary["trainable_bytes"] <= 600
 
 
+def test_biases_train_with_their_layer_inside_the_budget(task, tmp_path):
+    graph, data = task
+    with_bias = train(task, tmp_path / "bias", selection="last-layer", epochs=1)
+    without = train(task, tmp_path / "nobias", selection="last-layer", epochs=1, train_bias=False)
+    head = graph.weighted_nodes()[-1]
+    assert with_bias["trainable_bytes"] == without["trainable_bytes"] + head.bias.nbytes
+    _, weights, _ = Trainer(graph, data, TrainConfig(**SMALL), tmp_path / "bias").load()
+    _, frozen, _ = Trainer(graph, data, TrainConfig(**SMALL), tmp_path / "nobias").load()
+    assert not np.array_equal(weights[head.bias_key], head.bias)
+    assert np.array_equal(frozen[head.bias_key], head.bias)
+    budgeted = train(task, tmp_path / "trady", epochs=1)
+    assert budgeted["trainable_bytes"] <= parse_bytes(SMALL["budget"])
+
+
 def test_integer_loss_trains_like_the_float_loss(task, tmp_path):
     integer = train(task, tmp_path / "int", loss="integer")
     assert integer["forward_calls"] == 2 * 6 * 2 * 2
