@@ -79,6 +79,18 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    """Run a grid of training runs (methods x selections x budgets x seeds) and write a report."""
+    from fwdgrad.compare import compare
+
+    report, results = compare(args.config, args.out, args.workers)
+    print(report.read_text())
+    failed = [r for r in results if "error" in r]
+    for r in failed:
+        print(f"fwdgrad: run {r['dir']} failed: {r['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _cmd_models(args) -> int:
     from fwdgrad.models.zoo import MODELS
 
@@ -118,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", help="continue the run in this directory from its last checkpoint")
     _add_config_flags(train)
     train.set_defaults(run=_cmd_train)
+
+    compare = sub.add_parser("compare", help=_cmd_compare.__doc__)
+    compare.add_argument("--config", required=True, help="grid TOML: [base], [grid] lists, optional [[row]] tables")
+    compare.add_argument("--out", required=True, help="report directory (runs/, report.md, results.json, plots)")
+    compare.add_argument("--workers", type=int, default=2, help="parallel training processes")
+    compare.set_defaults(run=_cmd_compare)
 
     models = sub.add_parser("models", help="list the model zoo")
     models.set_defaults(run=_cmd_models)

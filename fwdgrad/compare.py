@@ -1,0 +1,252 @@
+"""`fwdgrad compare`: a grid of training runs, run in parallel, summarised in one report.
+
+A grid file (TOML) has three parts:
+
+    [base]            # TrainConfig settings shared by every run
+    model = "small-cnn"
+    dataset = "mnist"
+    [grid]            # lists: every combination is a row (seeds are repetitions of a row, not rows)
+    selection = ["trady", "all"]
+    seed = [0, 1, 2]
+    [[row]]           # optional named rows, each crossed with the grid: the paper-style table
+    name = "BP fp32 full"
+    method = "bp"
+    selection = "all"
+
+Every run writes its own directory (``DIR/runs/<row>-seed<k>``) like ``fwdgrad train`` does, so a finished
+run is reused and a killed one resumes; a run that fails is reported with its error, never dropped.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import tomllib
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .config import TrainConfig
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    row: str
+    settings: dict  # TrainConfig fields
+
+    @property
+    def seed(self) -> int:
+        return int(self.settings.get("seed", 0))
+
+    @property
+    def dirname(self) -> str:
+        return f"{re.sub(r'[^A-Za-z0-9.]+', '-', self.row).strip('-').lower()}-seed{self.seed}"
+
+
+def load_grid(path: str | Path) -> list[RunSpec]:
+    """The runs of a grid file, validated up front (a typo fails before hours of training)."""
+    with open(path, "rb") as f:
+        spec = tomllib.load(f)
+    unknown = sorted(set(spec) - {"base", "grid", "row"})
+    if unknown:
+        raise ValueError(f"{path}: unknown sections {unknown}; use [base], [grid] and [[row]]")
+    base, grid, rows = spec.get("base", {}), dict(spec.get("grid", {})), spec.get("row", [{}])
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"{path}: [grid] {key} must be a non-empty list, e.g. {key} = [{json.dumps(values)}]")
+    seeds = grid.pop("seed", [base.get("seed", 0)])
+    runs = []
+    for row in rows:
+        overrides = {k: v for k, v in row.items() if k != "name"}
+        for combo in itertools.product(*grid.values()):
+            varied = dict(zip(grid, combo))
+            label = " ".join(filter(None, [row.get("name", ""), " ".join(f"{k}={v}" for k, v in varied.items())]))
+            for seed in seeds:
+                settings = base | overrides | varied | {"seed": seed}
+                TrainConfig.from_dict(settings)  # validates names and values now
+                runs.append(RunSpec(label or "run", settings))
+    dirs = [r.dirname for r in runs]
+    clashes = sorted({d for d in dirs if dirs.count(d) > 1})
+    if clashes:
+        raise ValueError(f"{path}: rows {clashes} would share a run directory: give the rows distinct names")
+    return runs
+
+
+def run_one(settings: dict, out: str) -> dict:
+    """Train one configuration into ``out``: reuse it if finished, resume it if killed."""
+    from .backprop import trainer_for
+    from .task import prepare_data, prepare_graph
+    from .trainer import load_graph
+
+    out = Path(out)
+    cfg = TrainConfig.from_dict(settings)
+    summary_path = out / "summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        if TrainConfig.from_dict(summary["config"]).digest() == cfg.digest():
+            return summary
+        raise ValueError(f"{out} holds a run of another configuration: delete it or use another compare --out")
+    resume = (out / "checkpoint" / "state.json").exists()
+    data = prepare_data(cfg)
+    graph = load_graph(out) if resume else prepare_graph(cfg, data, out)
+    return trainer_for(cfg)(graph, data, cfg, out).run(resume=resume)
+
+
+def _run_safely(settings: dict, out: str) -> dict:
+    try:
+        return {"summary": run_one(settings, out)}
+    except Exception as err:  # reported in results.json and report.md, and the command fails
+        return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+
+
+@contextmanager
+def _threads_per_worker(workers: int):
+    """Give each worker process its share of the cores (numba and BLAS read these at import)."""
+    share = str(max(1, (os.cpu_count() or 1) // workers))
+    names = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+    saved = {n: os.environ.get(n) for n in names}
+    os.environ.update({n: share for n in names})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def run_grid(runs: list[RunSpec], out: Path, workers: int = 1) -> list[dict]:
+    """Every run's result (``summary`` or ``error``), in grid order; runs go to ``workers`` processes."""
+    import multiprocessing
+
+    out = Path(out)
+    results: list[dict | None] = [None] * len(runs)
+    jobs = [(r.settings, str(out / "runs" / r.dirname)) for r in runs]
+    bar = tqdm(total=len(runs), desc="compare", unit="run")
+    if workers <= 1:
+        for i, job in enumerate(jobs):
+            results[i] = _run_safely(*job)
+            bar.update(1)
+    else:
+        with _threads_per_worker(workers), ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_safely, *job): i for i, job in enumerate(jobs)}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update(1)
+    bar.close()
+    return [{"row": r.row, "seed": r.seed, "dir": str(out / "runs" / r.dirname)} | result
+            for r, result in zip(runs, results)]
+
+
+def _mean_std(values) -> str:
+    values = np.asarray(values, dtype=float) * 100
+    return f"{values.mean():.1f} ± {values.std():.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+
+
+def _rows(results: list[dict]) -> dict[str, list[dict]]:
+    rows: dict[str, list[dict]] = {}
+    for result in results:
+        rows.setdefault(result["row"], []).append(result)
+    return rows
+
+
+def write_report(results: list[dict], out: Path) -> Path:
+    """DIR/report.md (table + plots) and DIR/results.json."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    lines = ["# Comparison", "", "Top-1 on the test set (%), mean ± std over seeds.", "",
+             "| row | seeds | zero-shot | final | best | forward calls | trainable bytes | train s |",
+             "|---|---|---|---|---|---|---|---|"]
+    failures = []
+    for row, items in _rows(results).items():
+        done = [r["summary"] for r in items if "summary" in r]
+        failures += [r for r in items if "error" in r]
+        if not done:
+            lines.append(f"| {row} | 0 of {len(items)} | failed | | | | | |")
+            continue
+        lines.append(f"| {row} | {len(done)} | {_mean_std([s['zero_shot_top1'] for s in done])} | "
+                     f"{_mean_std([s['final_top1'] for s in done])} | {_mean_std([s['best_top1'] for s in done])} | "
+                     f"{int(np.mean([s['forward_calls'] for s in done]))} | {done[0]['trainable_bytes']} | "
+                     f"{np.mean([s['train_seconds'] for s in done]):.0f} |")
+    _plot_curves(results, out / "accuracy_vs_epoch.png")
+    lines += ["", "![test top-1 vs epoch](accuracy_vs_epoch.png)"]
+    if _plot_budgets(results, out / "accuracy_vs_budget.png"):
+        lines += ["", "![test top-1 vs memory budget](accuracy_vs_budget.png)"]
+    if failures:
+        lines += ["", "## Failed runs", ""] + [f"- `{r['dir']}`: {r['error']}" for r in failures]
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def _history(run_dir: str) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, axis, path: Path) -> None:
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    _pyplot().close(figure)
+
+
+def _plot_curves(results: list[dict], path: Path) -> None:
+    """Mean test top-1 per epoch of every row (epoch 0 is the zero-shot start)."""
+    figure, axis = _pyplot().subplots(figsize=(7, 4.5))
+    for row, items in _rows(results).items():
+        curves = [[r["summary"]["zero_shot_top1"]] + [h["test_top1"] for h in _history(r["dir"])]
+                  for r in items if "summary" in r]
+        if curves:
+            length = min(len(c) for c in curves)
+            axis.plot(range(length), np.mean([c[:length] for c in curves], axis=0) * 100, marker="o", label=row)
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("test top-1 (%)")
+    _save(figure, axis, path)
+
+
+def _plot_budgets(results: list[dict], path: Path) -> bool:
+    """Final top-1 against the memory budget, one line per (method, selection), when budgets vary."""
+    from .config import parse_bytes
+
+    points: dict[str, dict[int, list[float]]] = {}
+    for r in results:
+        if "summary" in r:
+            cfg = r["summary"]["config"]
+            key = f"{cfg['method']} {cfg['bits']} {cfg['selection']}"
+            points.setdefault(key, {}).setdefault(parse_bytes(cfg["budget"]), []).append(r["summary"]["final_top1"])
+    if all(len(by_budget) < 2 for by_budget in points.values()):
+        return False
+    figure, axis = _pyplot().subplots(figsize=(7, 4.5))
+    for key, by_budget in points.items():
+        budgets = sorted(by_budget)
+        axis.plot([b / 1024 for b in budgets], [np.mean(by_budget[b]) * 100 for b in budgets], marker="o", label=key)
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("memory budget (KB)")
+    axis.set_ylabel("final test top-1 (%)")
+    _save(figure, axis, path)
+    return True
+
+
+def compare(grid_file: str | Path, out: str | Path, workers: int = 1) -> tuple[Path, list[dict]]:
+    runs = load_grid(grid_file)
+    results = run_grid(runs, Path(out), workers)
+    return write_report(results, Path(out)), results
