@@ -174,6 +174,23 @@ def _requantize_kernel(acc3, offset, f32, mantissa, shift, zero_point, qmin, qma
             out3[b, c, s] = requantize_scalar(a, m, mant, sh, half, zero_point, qmin, qmax, lo, hi, half_even)
 
 
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _requantize_float_kernel(acc3, offset, f32, zero_point, lo, hi, out3):
+    """``half_even`` on exact integers held in floats, without leaving floating point: the sum
+    ``acc + offset`` is exact in float64 (below 2**53) and rounds to float32 once, as onnxruntime's
+    int32 -> float32 conversion does; branch-free so the inner loop vectorizes."""
+    n_batch, n_chan, n_space = acc3.shape
+    per_channel = f32.shape[0] > 1
+    for bc in numba.prange(n_batch * n_chan):
+        b, c = bc // n_chan, bc % n_chan
+        m = f32[c if per_channel else 0]
+        off = np.float64(offset[c])
+        for s in range(n_space):
+            v = np.float32(np.float64(acc3[b, c, s]) + off) * m
+            v = lo if v < lo else (hi if v > hi else v)
+            out3[b, c, s] = np.int32(np.rint(v)) + zero_point
+
+
 def requantize_numba(acc: np.ndarray, rq: Requant, zero_point: int, qmin: int, qmax: int, mode: str,
                      out_dtype=np.int64, offset: np.ndarray | None = None) -> np.ndarray:
     """Numba twin of :func:`requantize`. ``acc`` may hold exact integers in a float array, and ``offset``
@@ -182,6 +199,10 @@ def requantize_numba(acc: np.ndarray, rq: Requant, zero_point: int, qmin: int, q
     if offset is None:
         offset = np.zeros(acc3.shape[1], np.int64)
     out = np.empty(acc3.shape, dtype=out_dtype)
-    _requantize_kernel(acc3, offset.astype(np.int64), rq.float32, rq.mantissa, rq.shift, int(zero_point), int(qmin),
-                       int(qmax), mode == "half_even", out)
+    if mode == "half_even" and acc3.dtype.kind == "f":
+        _requantize_float_kernel(acc3, offset.astype(np.int64), rq.float32, np.int32(zero_point),
+                                 np.float32(qmin - zero_point), np.float32(qmax - zero_point), out)
+    else:
+        _requantize_kernel(acc3, offset.astype(np.int64), rq.float32, rq.mantissa, rq.shift, int(zero_point),
+                           int(qmin), int(qmax), mode == "half_even", out)
     return out.reshape(acc.shape)

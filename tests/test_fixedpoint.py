@@ -64,3 +64,18 @@ def test_requantize_numba_matches_numpy(n, c, s, per_channel, wide, mode, out_bi
     expected = requantize(acc, rq, zp, qmin, qmax, mode)
     assert np.array_equal(requantize_numba(acc, rq, zp, qmin, qmax, mode), expected)
     assert expected.min() >= qmin and expected.max() <= qmax
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 7), st.booleans(),
+       st.sampled_from(["half_even", "half_away"]), st.sampled_from([np.float32, np.float64]), st.integers(0, 2 ** 32 - 1))
+def test_float_accumulators_plus_offset_requantize_exactly(n, c, s, per_channel, mode, acc_type, seed):
+    """The fast kernels hand over exact integers in floats plus a per-channel offset (bias - x_zp * sum w);
+    the result must equal requantizing the integer sum."""
+    rng = np.random.default_rng(seed)
+    exact = 1 << (24 if acc_type == np.float32 else 46)
+    acc = rng.integers(-exact, exact, (n, c, s), dtype=np.int64)
+    offset = rng.integers(-(1 << 31), 1 << 31, c, dtype=np.int64)
+    rq = Requant.from_real(rng.uniform(1e-7, 1e-2, c if per_channel else 1), acc_type == np.float64)
+    expected = requantize(acc + offset.reshape(1, c, 1), rq, -3, -128, 127, mode)
+    assert np.array_equal(requantize_numba(acc.astype(acc_type), rq, -3, -128, 127, mode, offset=offset), expected)
