@@ -91,6 +91,22 @@ def _cmd_compare(args) -> int:
     return 1 if failed else 0
 
 
+def _cmd_data_list(args) -> int:
+    """List the registered data sets: source, installed or not (with the install command), sizes."""
+    from fwdgrad.data.datasets import dataset_status
+
+    rows = dataset_status()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        sizes = (f"{row['classes']} classes, {row['train']} train / {row['test']} test, shape {row['shape']}"
+                 if "train" in row else "not built yet (built on first use)")
+        state = "installed" if row["installed"] else f"NOT INSTALLED: {row['install']}"
+        print(f"{row['name']:14s} {row['description']}\n{'':14s} {row['source']}; {state}; {sizes}")
+    return 0
+
+
 def _cmd_models(args) -> int:
     from fwdgrad.models.zoo import MODELS
 
@@ -136,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", required=True, help="report directory (runs/, report.md, results.json, plots)")
     compare.add_argument("--workers", type=int, default=2, help="parallel training processes")
     compare.set_defaults(run=_cmd_compare)
+
+    data = sub.add_parser("data", help="the data-set registry")
+    data_sub = data.add_subparsers(dest="action", required=True)
+    data_list = data_sub.add_parser("list", help=_cmd_data_list.__doc__)
+    data_list.add_argument("--json", action="store_true", help="machine-readable output")
+    data_list.set_defaults(run=_cmd_data_list)
 
     models = sub.add_parser("models", help="list the model zoo")
     models.set_defaults(run=_cmd_models)
