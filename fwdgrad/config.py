@@ -12,7 +12,7 @@ from quant.convert import parse_bits
 from quant.fixedpoint import check_rounding
 
 from .estimators import ESTIMATORS
-from .perturb import DISTRIBUTIONS
+from .perturb import DISTRIBUTIONS, SPACES
 from .selection import METHODS
 from .update import SCHEDULES
 
@@ -46,15 +46,16 @@ class TrainConfig:
     budget: str = "8KB"
     resample_every: int = 0  # steps between channel resamplings; 0 = every epoch
     m: int = 4  # perturbations per step
-    eps: float = 2.0  # perturbation size, in 8-bit weight steps
-    lr: float = 0.5  # in 8-bit weight steps per unit of projected gradient
+    space: str = "steps"  # what eps, lr and rho count in: "steps" (8-bit weight steps) or "real" (weight units)
+    eps: float = 2.0  # perturbation size (see space)
+    lr: float = 0.5  # update per unit of projected gradient (see space)
     bp_lr: float = 0.05  # backprop reference: SGD learning rate on the real-valued weights
     schedule: str = "cosine"
     warmup_steps: int = 0
     momentum: float = 0.0
     train_bias: bool = True  # biases of the selected layers train too (their bytes count in the budget)
     distribution: str = "gaussian"
-    rho: float = 2.0  # sharpness-aware neighbour distance, 8-bit weight steps
+    rho: float = 2.0  # sharpness-aware neighbour distance (see space)
     epochs: int = 5
     batch_size: int = 64
     seed: int = 0
@@ -64,7 +65,8 @@ class TrainConfig:
     calibration_samples: int = 256
     rgn_samples: int = 256
     checkpoint_every: int = 0  # steps between checkpoints; 0 = every epoch
-    head: str = "ridge"  # how the task's classifier starts: ridge (linear probe), random, keep
+    head: str = "probe"  # how the task's classifier starts: probe (logistic-regression probe), random, keep
+    probe_samples: int = 0  # training images the probe head is fitted on (0 = all)
     loss: str = "float"  # float: cross-entropy on dequantized logits; integer: Q.16 lookup-table CE (no FPU)
 
     def __post_init__(self):
@@ -74,8 +76,8 @@ class TrainConfig:
         for name, value, allowed in (("method", self.method, TRAINING_METHODS),
                                      ("estimator", self.estimator, ESTIMATORS), ("selection", self.selection, METHODS),
                                      ("schedule", self.schedule, SCHEDULES), ("backend", self.backend, BACKENDS),
-                                     ("distribution", self.distribution, DISTRIBUTIONS),
-                                     ("head", self.head, ("ridge", "random", "keep")),
+                                     ("distribution", self.distribution, DISTRIBUTIONS), ("space", self.space, SPACES),
+                                     ("head", self.head, ("probe", "random", "keep")),
                                      ("loss", self.loss, ("float", "integer"))):
             if value not in allowed:
                 raise ValueError(f"bad {name} {value!r}: use one of {', '.join(allowed)}")

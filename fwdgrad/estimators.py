@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from .perturb import Perturbation, draw, step_unit
+from .perturb import Perturbation, draw
 
 ESTIMATORS = ("spsa", "sign-spsa", "sharpness")
 
@@ -33,27 +33,28 @@ def seeds_for(step_seed: int, m: int, offset: int = 0) -> list[int]:
     return [int(s) for s in np.random.default_rng([step_seed, 0xE57, offset]).integers(0, 2 ** 62, m)]
 
 
-def estimate(loss_at: Callable[[dict], float], graph, weights: dict, masks: dict, limits: dict, *, step_seed: int,
-             m: int, eps: float, distribution: str, method: str, rho: float = 0.0) -> Estimate:
-    """The step's perturbations and projected gradients (``loss_at(weights) -> float`` runs one forward)."""
+def estimate(loss_at: Callable[[dict], float], weights: dict, masks: dict, units: dict, limits: dict, *,
+             step_seed: int, m: int, eps: float, distribution: str, method: str, rho: float = 0.0) -> Estimate:
+    """The step's perturbations and projected gradients (``loss_at(weights) -> float`` runs one forward);
+    ``units`` are the integer steps per unit of eps of every masked weight (``perturbation_units``)."""
     if method not in ESTIMATORS:
         raise ValueError(f"unknown estimator {method!r}: use one of {', '.join(ESTIMATORS)}")
     centre, calls = weights, 0
     if method == "sharpness":
-        first = _pairs(loss_at, graph, weights, masks, limits, seeds_for(step_seed, m, 1), eps, distribution, False)
-        direction = _direction(graph, first)
-        centre = _neighbour(graph, weights, masks, direction, rho, limits)
+        first = _pairs(loss_at, weights, masks, units, limits, seeds_for(step_seed, m, 1), eps, distribution, False)
+        direction = _direction(units, first)
+        centre = _neighbour(weights, masks, units, direction, rho, limits)
         calls += first.forward_calls
-    result = _pairs(loss_at, graph, centre, masks, limits, seeds_for(step_seed, m), eps, distribution,
+    result = _pairs(loss_at, centre, masks, units, limits, seeds_for(step_seed, m), eps, distribution,
                     method == "sign-spsa")
     result.forward_calls += calls
     return result
 
 
-def _pairs(loss_at, graph, weights, masks, limits, seeds, eps, distribution, use_sign) -> Estimate:
+def _pairs(loss_at, weights, masks, units, limits, seeds, eps, distribution, use_sign) -> Estimate:
     perturbations, projected, losses = [], [], []
     for seed in seeds:
-        p = draw(seed, graph, masks, eps, distribution)
+        p = draw(seed, masks, units, eps, distribution)
         plus, minus = loss_at(p.apply(weights, +1, limits)), loss_at(p.apply(weights, -1, limits))
         perturbations.append(p)
         projected.append(float(np.sign(plus - minus)) if use_sign else (plus - minus) / (2 * eps))
@@ -61,17 +62,17 @@ def _pairs(loss_at, graph, weights, masks, limits, seeds, eps, distribution, use
     return Estimate(perturbations, projected, losses, 2 * len(seeds))
 
 
-def _direction(graph, est: Estimate) -> dict[str, np.ndarray]:
-    """Unit-norm (in 8-bit weight steps) estimated gradient, per weight key, on the mask."""
+def _direction(units, est: Estimate) -> dict[str, np.ndarray]:
+    """Unit-norm (in units of eps) estimated gradient, per weight key, on the mask."""
     grad = {}
     for p, g in zip(est.perturbations, est.projected):
         for key, d in p.delta.items():
-            grad[key] = grad.get(key, 0.0) + g * d / step_unit(graph, key)
+            grad[key] = grad.get(key, 0.0) + g * d / units[key]
     norm = np.sqrt(sum(float(np.sum(v ** 2)) for v in grad.values())) or 1.0
     return {key: v / norm for key, v in grad.items()}
 
 
-def _neighbour(graph, weights, masks, direction, rho, limits) -> dict:
-    """The ascent neighbour ``w + rho * d`` (rho in 8-bit weight steps, rounded to the integer grid)."""
-    step = {key: np.rint(rho * step_unit(graph, key) * d).astype(np.int64) for key, d in direction.items()}
+def _neighbour(weights, masks, units, direction, rho, limits) -> dict:
+    """The ascent neighbour ``w + rho * d`` (rho in units of eps, rounded to the integer grid)."""
+    step = {key: np.rint(rho * units[key] * d).astype(np.int64) for key, d in direction.items()}
     return weights | Perturbation(-1, masks, step).apply(weights, +1, limits)

@@ -6,9 +6,15 @@ weights in a canonical order (layers in graph order, channels sorted, weights in
 real step for 8- and 16-bit weights (it is counted in 8-bit weight steps). The update regenerates the same
 integers from the same seed, so memory holds seeds, not vectors (MeZO's trick).
 
-Biases (int32 at scale ``s_x * s_w``) train with their layer. Their step is the output change of one 8-bit
-weight step on an input at half the activation range, ``2**(a_bits - 1)`` integer input steps, so one ``eps``
-moves weights and biases by comparable amounts of the layer's output.
+Two ways to count ``eps`` (the ``space`` setting):
+- ``steps``: in 8-bit weight steps of each channel's own scale, a relative perturbation (a layer with larger
+  weights moves further in real terms); biases (int32 at scale ``s_x * s_w``) move by the output change of
+  one weight step on an input at half the activation range, ``2**(a_bits - 1)`` integer input steps;
+- ``real``: in real weight units, the same for every layer, as MeZO perturbs float weights, converted to
+  each channel's integer grid (``1 / s_w`` integer steps per unit; ``1 / (s_x s_w)`` for biases). SGD in
+  this space is plain SGD on the real weights, which a backprop learning rate transfers to; in ``steps``
+  space it is preconditioned by ``s_w**2``, which spreads effective learning rates across layers by the
+  square of their weight scales.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import numpy as np
 from .channels import Selection, channel_mask
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
+SPACES = ("steps", "real")
 
 
 def node_of(graph, key: str):
@@ -31,6 +38,24 @@ def step_unit(graph, key: str) -> int:
     node = node_of(graph, key)
     unit = 1 << (node.w_params.bits - 8)
     return unit << (node.in_params.bits - 1) if key.endswith(".bias") else unit
+
+
+def perturbation_units(graph, masks: dict[str, np.ndarray], space: str = "steps") -> dict[str, np.ndarray]:
+    """Integer steps per unit of ``eps`` for every masked element (flat, in mask order)."""
+    if space not in SPACES:
+        raise ValueError(f"unknown perturbation space {space!r}: use one of {', '.join(SPACES)}")
+    units = {}
+    for key, mask in masks.items():
+        if space == "steps":
+            units[key] = np.full(int(mask.sum()), float(step_unit(graph, key)))
+            continue
+        node = node_of(graph, key)
+        real_step = node.w_params.scale.astype(np.float64)  # per output channel
+        if key.endswith(".bias"):
+            real_step = real_step * float(node.in_params.scale)
+        per_channel = real_step.reshape((-1,) + (1,) * (mask.ndim - 1))
+        units[key] = np.broadcast_to(1.0 / per_channel, mask.shape)[mask]
+    return units
 
 
 def integer_limits(graph) -> dict[str, int]:
@@ -71,7 +96,8 @@ def selection_masks(graph, selection: Selection, bias: bool = False) -> dict[str
     return masks
 
 
-def draw(seed: int, graph, masks: dict[str, np.ndarray], eps: float, distribution: str = "gaussian") -> Perturbation:
+def draw(seed: int, masks: dict[str, np.ndarray], units: dict[str, np.ndarray], eps: float,
+         distribution: str = "gaussian") -> Perturbation:
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown perturbation {distribution!r}: use one of {', '.join(DISTRIBUTIONS)}")
     rng = np.random.default_rng([seed, 0x2E27])
@@ -79,5 +105,5 @@ def draw(seed: int, graph, masks: dict[str, np.ndarray], eps: float, distributio
     for key, mask in masks.items():
         count = int(mask.sum())
         z = rng.standard_normal(count) if distribution == "gaussian" else rng.choice([-1.0, 1.0], count)
-        delta[key] = np.rint(eps * step_unit(graph, key) * z).astype(np.int64)
+        delta[key] = np.rint(eps * units[key] * z).astype(np.int64)
     return Perturbation(seed, masks, delta)

@@ -1,9 +1,10 @@
 """A training task: a pretrained float model, a new head for the target data, quantized into a QGraph.
 
 The last mile starts from a deployed model: take the pretrained backbone, give it a head for the new
-classes (a ridge-regression linear probe on its float features by default, so that "zero-shot" means the
-best linear head the device could be shipped with), export to ONNX, and quantize with calibration on the
-training images, exactly as a user's own model would go through ``quant.convert``.
+classes (a softmax linear probe on its float features by default, so that "zero-shot" means the best
+linear head the device could be shipped with, with logits on the scale cross-entropy expects), export to
+ONNX, and quantize with calibration on the training images, exactly as a user's own model would go
+through ``quant.convert``.
 """
 from __future__ import annotations
 
@@ -68,17 +69,22 @@ def float_features(net, x: np.ndarray, batch_size: int = 128) -> np.ndarray:
     return np.concatenate(out)
 
 
-def ridge_head(features: np.ndarray, labels: np.ndarray, classes: int, alpha: float = 1.0):
-    """Least-squares linear probe on one-hot targets: W (classes, dim), b (classes)."""
-    mean = features.mean(axis=0)
-    centered = features - mean
-    targets = np.eye(classes)[labels] - 1.0 / classes
-    gram = centered.T @ centered + alpha * len(features) * np.eye(features.shape[1]) * centered.var()
-    weight = np.linalg.solve(gram, centered.T @ targets).T
-    return weight.astype(np.float32), (-weight @ mean + 1.0 / classes).astype(np.float32)
+def probe_head(features: np.ndarray, labels: np.ndarray, classes: int):
+    """Multinomial logistic-regression probe (L2, C=1): W (classes, dim), b (classes). A least-squares
+    probe separates as well but leaves logits near zero, where cross-entropy is flat, and every training
+    method then spends its first epochs rescaling the head."""
+    from sklearn.linear_model import LogisticRegression
+
+    if len(np.unique(labels)) < classes:
+        raise ValueError(f"the training split holds {len(np.unique(labels))} of {classes} classes: "
+                         f"raise --train-samples")
+    probe = LogisticRegression(C=1.0, max_iter=1000).fit(features, labels)
+    return probe.coef_.astype(np.float32), probe.intercept_.astype(np.float32)
 
 
-def replace_head(net, x: np.ndarray, y: np.ndarray, classes: int, how: str, seed: int):
+def replace_head(net, x: np.ndarray, y: np.ndarray, classes: int, how: str, seed: int, probe_samples: int = 0):
+    """A new classifier for ``classes``: fitted as a probe on the first ``probe_samples`` training images
+    (0 = all; few = the weak head a device ships with before it sees its own data), random, or kept."""
     import torch
 
     linear = net.classifier if isinstance(net.classifier, torch.nn.Linear) else net.classifier[-1]
@@ -87,8 +93,9 @@ def replace_head(net, x: np.ndarray, y: np.ndarray, classes: int, how: str, seed
             raise ValueError(f"head='keep' needs {classes} outputs, the model has {linear.out_features}")
         return net
     new = torch.nn.Linear(linear.in_features, classes)
-    if how == "ridge":
-        w, b = ridge_head(float_features(net, x), y, classes)
+    if how == "probe":
+        n = probe_samples or len(x)
+        w, b = probe_head(float_features(net, x[:n]), y[:n], classes)
         new.weight.data, new.bias.data = torch.from_numpy(w), torch.from_numpy(b)
     else:
         torch.manual_seed(seed)
@@ -117,7 +124,7 @@ def prepare_graph(cfg: TrainConfig, data: TrainData, out: str | Path) -> QGraph:
     from .models.onnx_export import export_onnx
 
     classes = int(max(data.y_train.max(), data.y_test.max())) + 1
-    net = replace_head(backbone(cfg.model), data.x_train, data.y_train, classes, cfg.head, cfg.seed)
+    net = replace_head(backbone(cfg.model), data.x_train, data.y_train, classes, cfg.head, cfg.seed, cfg.probe_samples)
     path = Path(out) / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     export_onnx(net, (1,) + data.x_train.shape[1:], path)

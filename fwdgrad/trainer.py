@@ -24,7 +24,7 @@ from .channels import Selection, selection_bytes, selection_count
 from .config import TrainConfig
 from .estimators import estimate
 from .loss import LOSS_FRACTION_BITS, cross_entropy, integer_cross_entropy, top1
-from .perturb import integer_limits, selection_masks
+from .perturb import integer_limits, perturbation_units, selection_masks
 from .selection import ChannelSampler, channel_rgn, channel_rgn_zo, preselect_layers
 from .update import apply_update, learning_rate
 
@@ -72,6 +72,7 @@ class Trainer:
         self.out = Path(out)
         self.ckpt = self.out / "checkpoint"
         self.limits = integer_limits(graph)
+        self._units = (None, {})
         self.steps_per_epoch = -(-len(data.x_train) // config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.node_macs = list(graph.macs((1,) + data.x_train.shape[1:]).values())  # per sample
@@ -230,7 +231,9 @@ class Trainer:
             return loss_fn(graph.forward(cache, start=start, weights=w, backend=cfg.backend), graph.output_params, y)
 
         step_seed = int(np.random.default_rng([cfg.seed, 0x57E9, step]).integers(0, 2 ** 62))
-        est = estimate(loss_at, graph, weights, masks, self.limits, step_seed=step_seed, m=cfg.m, eps=cfg.eps,
+        if self._units[0] is not masks:  # integer steps per unit of eps: once per selection
+            self._units = (masks, perturbation_units(graph, masks, cfg.space))
+        est = estimate(loss_at, weights, masks, self._units[1], self.limits, step_seed=step_seed, m=cfg.m, eps=cfg.eps,
                        distribution=cfg.distribution, method=cfg.estimator, rho=cfg.rho)
         lr = learning_rate(cfg.lr, cfg.schedule, step, self.total_steps, cfg.warmup_steps)
         new = apply_update(graph, weights, est, lr, cfg.eps, self.limits, step_seed,

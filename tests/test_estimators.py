@@ -6,7 +6,7 @@ import torch
 from fwdgrad.channels import channel_mask, per_channel_sum, selection_bytes
 from fwdgrad.estimators import estimate
 from fwdgrad.loss import cross_entropy
-from fwdgrad.perturb import draw, integer_limits, selection_masks
+from fwdgrad.perturb import draw, integer_limits, perturbation_units, selection_masks
 from fwdgrad.reference import FloatTwin, float_weights, gradients
 from fwdgrad.update import apply_update, stochastic_round
 from quant.convert import convert
@@ -22,11 +22,12 @@ def cosine(a, b):
     return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def mean_estimate(loss_at, graph, weights, masks, limits, eps, samples):
-    """Average of g_i * u_i over many seeds, in real weight units (u_i = delta_i * s_w / eps)."""
+def mean_estimate(loss_at, graph, weights, masks, limits, eps, samples, space="steps"):
+    """Average of g_i * delta_i over many seeds (integer units of each weight)."""
     total = {k: 0.0 for k in masks}
+    units = perturbation_units(graph, masks, space)
     for seed in range(samples):
-        est = estimate(loss_at, graph, weights, masks, limits, step_seed=seed, m=1, eps=eps,
+        est = estimate(loss_at, weights, masks, units, limits, step_seed=seed, m=1, eps=eps,
                        distribution="gaussian", method="spsa")
         p, g = est.perturbations[0], est.projected[0]
         for key, d in p.delta.items():
@@ -34,8 +35,8 @@ def mean_estimate(loss_at, graph, weights, masks, limits, eps, samples):
     return total
 
 
-@pytest.mark.parametrize("mode", ["float", "integer"])
-def test_estimator_expectation_follows_the_true_gradient(digits_graph, mode):
+@pytest.mark.parametrize("mode, space", [("float", "steps"), ("integer", "steps"), ("integer", "real")])
+def test_estimator_expectation_follows_the_true_gradient(digits_graph, mode, space):
     graph, x, y = digits_graph
     head = graph.weighted_nodes()[-1]
     selection = {head.name: np.arange(head.weight.shape[1])}
@@ -55,12 +56,14 @@ def test_estimator_expectation_follows_the_true_gradient(digits_graph, mode):
         def loss_at(w):
             return cross_entropy(graph.forward(cache, start=head.name, weights=w), graph.output_params, y)
 
-    eps = 1.0  # one 8-bit step = 256 int16 steps
-    est = mean_estimate(loss_at, graph, weights, masks, limits, eps, 3000)[head.weight_key]
+    eps = 1.0 if space == "steps" else 2e-3  # one 8-bit step = 256 int16 steps; or real weight units
+    est = mean_estimate(loss_at, graph, weights, masks, limits, eps, 3000, space)[head.weight_key]
     true = gradients(graph, x, y)[head.weight_key]
-    # the estimate lives in the integer grid: d(loss)/d(w_int) = d(loss)/d(w_real) * s_w (per output channel)
-    true_int = (true * head.w_params.scale[:, None])[masks[head.weight_key]]
-    assert cosine(est, true_int) > 0.9
+    scale = head.w_params.scale[:, None].astype(np.float64)
+    # steps: E[g delta] follows d(loss)/d(w_int) = d(loss)/d(w_real) * s_w (per output channel);
+    # real: delta = eps z / s_w, so E[g delta] follows d(loss)/d(w_real) / s_w
+    expected = (true * scale if space == "steps" else true / scale)[masks[head.weight_key]]
+    assert cosine(est, expected) > 0.9
 
 
 def test_bias_estimate_follows_the_true_bias_gradient(digits_graph):
@@ -82,9 +85,10 @@ def test_perturbations_regenerate_from_their_seed(digits_graph):
     graph, _, _ = digits_graph
     node = graph.weighted_nodes()[1]
     masks = selection_masks(graph, {node.name: np.array([0, 3])})
-    a, b = draw(7, graph, masks, 2.0), draw(7, graph, masks, 2.0)
+    units = perturbation_units(graph, masks)
+    a, b = draw(7, masks, units, 2.0), draw(7, masks, units, 2.0)
     assert np.array_equal(a.delta[node.weight_key], b.delta[node.weight_key])
-    assert not np.array_equal(a.delta[node.weight_key], draw(8, graph, masks, 2.0).delta[node.weight_key])
+    assert not np.array_equal(a.delta[node.weight_key], draw(8, masks, units, 2.0).delta[node.weight_key])
     assert a.delta[node.weight_key].size == masks[node.weight_key].sum()
     assert np.abs(a.delta[node.weight_key]).max() > 256  # eps=2 8-bit steps = 512 int16 steps (w16)
 
@@ -120,8 +124,9 @@ def test_update_moves_against_the_gradient_and_saturates(digits_graph):
         return cross_entropy(graph.forward(cache, start=head.name, weights=w), graph.output_params, y)
 
     before = loss_at(weights)
+    units = perturbation_units(graph, masks)
     for step in range(30):
-        est = estimate(loss_at, graph, weights, masks, limits, step_seed=step, m=8, eps=1.0,
+        est = estimate(loss_at, weights, masks, units, limits, step_seed=step, m=8, eps=1.0,
                        distribution="gaussian", method="spsa")
         weights = apply_update(graph, weights, est, 2.0, 1.0, limits, step)
     assert loss_at(weights) < before
