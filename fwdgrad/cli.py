@@ -107,6 +107,58 @@ def _cmd_data_list(args) -> int:
     return 0
 
 
+def _cmd_devices(args) -> int:
+    """List the device profiles (SRAM, flash, widths, MACs/cycle, clock, FPU, energy estimates)."""
+    from devices.profiles import all_profiles, load_profile
+
+    profiles = [load_profile(args.device)] if args.device else all_profiles()
+    if args.json:
+        print(json.dumps([p.as_dict() for p in profiles], indent=2))
+        return 0
+    print(f"{'device':10s} {'SRAM':>9s} {'flash':>9s} {'weights':>8s} {'acts':>6s} {'MAC/cyc':>7s} {'MHz':>6s} FPU")
+    for p in profiles:
+        sram = f"{p.sram_kb} KB" if p.sram_kb else "unlimited"
+        flash = f"{p.flash_kb} KB" if p.flash_kb else "unlimited"
+        widths = lambda bits: "/".join(map(str, bits))  # noqa: E731
+        print(f"{p.name:10s} {sram:>9s} {flash:>9s} {widths(p.weight_bits):>8s} {widths(p.activation_bits):>6s} "
+              f"{p.macs_per_cycle:>7d} {p.clock_mhz:>6g} {'yes' if p.fpu else 'no'}   {p.description}")
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    """Memory and cost of inference, ZO training and backprop for a model, on every device."""
+    from devices.planner import budget_shape, plan
+    from devices.profiles import all_profiles, load_profile
+    from fwdgrad.config import parse_bytes
+    from fwdgrad.data.photos import real_photos
+    from fwdgrad.models.zoo import model_onnx
+    from quant.convert import convert, parse_bits
+
+    path = model_onnx(args.model, width=args.width, resolution=args.resolution)
+    graph = convert(path, real_photos(8, args.resolution, seed=1), bits=args.bits)
+    sample = (3, args.resolution, args.resolution)
+    wbits, _ = parse_bits(args.bits)
+    shape = budget_shape(graph, sample, parse_bytes(args.budget), method="zo", m=args.m, batch=args.batch,
+                         momentum=False, bits=wbits)
+    shape.cache_prefix = not args.no_prefix_cache
+    profiles = [load_profile(args.device)] if args.device else all_profiles()
+    rows = [plan(graph, sample, p, shape) for p in profiles]
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+        return 0
+    print(f"{args.model} width {args.width} at {args.resolution}px, {args.bits}, budget {args.budget}, m={args.m}, "
+          f"batch {args.batch}; weights {rows[0].flash_weights / 1024:.0f} KB in flash")
+    print(f"{'device':10s} {'inference':>10s} {'ZO train':>10s} {'backprop':>10s}  {'ZO/inf':>6s} {'BP/inf':>6s}  "
+          f"{'ZO step':>9s} {'BP step':>9s}  fits (inf/ZO/BP)")
+    for r in rows:
+        kb = lambda b: f"{b / 1024:.0f} KB"  # noqa: E731
+        fits = "/".join("yes" if f else "no" for f in (r.fits_inference, r.fits_zo, r.fits_bp))
+        print(f"{r.device:10s} {kb(r.inference_peak):>10s} {kb(r.zo_peak):>10s} {kb(r.bp_peak):>10s}  "
+              f"{r.zo_peak / r.inference_peak:6.2f} {r.bp_peak / r.inference_peak:6.2f}  "
+              f"{r.zo_step_seconds * 1e3:7.1f}ms {r.bp_step_seconds * 1e3:7.1f}ms  {fits}")
+    return 0
+
+
 def _cmd_models(args) -> int:
     from fwdgrad.models.zoo import MODELS
 
@@ -158,6 +210,24 @@ def build_parser() -> argparse.ArgumentParser:
     data_list = data_sub.add_parser("list", help=_cmd_data_list.__doc__)
     data_list.add_argument("--json", action="store_true", help="machine-readable output")
     data_list.set_defaults(run=_cmd_data_list)
+
+    devices = sub.add_parser("devices", help=_cmd_devices.__doc__)
+    devices.add_argument("--json", action="store_true")
+    devices.add_argument("--device", help="show only this profile (a name, or your own path.toml)")
+    devices.set_defaults(run=_cmd_devices)
+
+    plan = sub.add_parser("plan", help=_cmd_plan.__doc__)
+    plan.add_argument("--model", default="mobilenetv2")
+    plan.add_argument("--width", type=float, default=1.0)
+    plan.add_argument("--resolution", type=int, default=96)
+    plan.add_argument("--bits", default="w8a8")
+    plan.add_argument("--budget", default="64KB", help="trainable bytes (the worst selection within it is planned)")
+    plan.add_argument("--m", type=int, default=4)
+    plan.add_argument("--batch", type=int, default=1, help="samples whose prefix activations are cached")
+    plan.add_argument("--no-prefix-cache", action="store_true", help="recompute the prefix in every call instead")
+    plan.add_argument("--device", help="one profile only (name or path.toml)")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(run=_cmd_plan)
 
     models = sub.add_parser("models", help="list the model zoo")
     models.set_defaults(run=_cmd_models)

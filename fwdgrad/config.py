@@ -60,6 +60,7 @@ class TrainConfig:
     batch_size: int = 64
     seed: int = 0
     backend: str = "numba"
+    device: str = "host"  # a profile name (fwdgrad devices) or a path.toml: runs that do not fit are refused
     train_samples: int = 0  # 0 = all
     test_samples: int = 0
     calibration_samples: int = 256
@@ -81,11 +82,25 @@ class TrainConfig:
                                      ("loss", self.loss, ("float", "integer"))):
             if value not in allowed:
                 raise ValueError(f"bad {name} {value!r}: use one of {', '.join(allowed)}")
+        self.check_device_widths()
         for name in ("m", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.eps <= 0 or self.lr <= 0 or self.bp_lr <= 0:
             raise ValueError(f"eps, lr and bp_lr must be > 0, got eps={self.eps}, lr={self.lr}, bp_lr={self.bp_lr}")
+
+    def check_device_widths(self) -> None:
+        """Refuse, before any work, bit widths the target device cannot run."""
+        from devices.profiles import load_profile
+
+        profile = load_profile(self.device)
+        wbits, abits = parse_bits(self.bits)
+        if not profile.supports(wbits, abits):
+            raise ValueError(f"device {profile.name} runs weights of {list(profile.weight_bits)} bits and "
+                             f"activations of {list(profile.activation_bits)} bits, not {self.bits}: use "
+                             f"w{profile.weight_bits[0]}a{profile.activation_bits[0]} or another --device")
+        if not profile.fpu and self.loss == "float" and self.method == "zo":
+            raise ValueError(f"device {profile.name} has no FPU for the float cross-entropy: use --loss integer")
 
     @property
     def budget_bytes(self) -> int:

@@ -88,6 +88,32 @@ class Trainer:
     def evaluate(self, weights: dict, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         return evaluate(self.graph, weights, x, y, self.config.backend)
 
+    def check_device(self, selection: Selection | None = None) -> None:
+        """Refuse a run the target device cannot hold: first for the worst selection the budget allows
+        (before any work), then for each selection drawn. Caching the prefix is preferred; recomputing
+        it is the fallback that needs less memory."""
+        from devices.planner import budget_shape, require_fit, selection_shape
+        from devices.profiles import load_profile
+        from quant.convert import parse_bits
+
+        cfg = self.config
+        profile = load_profile(cfg.device)
+        if profile.sram_bytes is None and profile.flash_bytes is None:
+            return
+        sample = self.data.x_train.shape[1:]
+        method = "zo" if cfg.method == "zo" else "bp"
+        if selection:
+            shape = selection_shape(self.graph, selection, m=cfg.m, batch=cfg.batch_size, momentum=cfg.momentum > 0,
+                                    bias=cfg.train_bias)
+        else:
+            shape = budget_shape(self.graph, sample, cfg.budget_bytes, method=method, m=cfg.m, batch=cfg.batch_size,
+                                 momentum=cfg.momentum > 0, bits=parse_bits(cfg.bits)[0])
+        try:
+            require_fit(self.graph, sample, profile, shape, method)
+        except ValueError:
+            shape.cache_prefix = False
+            require_fit(self.graph, sample, profile, shape, method)
+
     def integer_weights(self, weights: dict) -> dict:
         """The trained state as the graph's integers (the ZO trainer already trains integers)."""
         return weights
@@ -151,6 +177,7 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
         cfg, graph, data = self.config, self.graph, self.data
+        self.check_device()
         self.ckpt.mkdir(parents=True, exist_ok=True)
         if resume:
             state, weights, momentum = self.load()
@@ -184,6 +211,7 @@ class Trainer:
                 rgn_now = channel_rgn(graph, data.x_train[:cfg.rgn_samples], data.y_train[:cfg.rgn_samples],
                                       self.integer_weights(weights)) if cfg.selection == "d-det-rgn" else None
                 selection = sampler.select(period, rgn_now)
+                self.check_device(selection)
                 momentum = {}  # newly selected channels start from rest
                 state["period"], state["selection"] = period, {k: v.tolist() for k, v in selection.items()}
                 masks = selection_masks(graph, selection, cfg.train_bias)

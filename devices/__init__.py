@@ -1,0 +1,1 @@
+"""Device profiles and the memory/cost simulator: does a training run fit a device, and what would backprop need."""
