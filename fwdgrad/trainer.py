@@ -251,7 +251,7 @@ class Trainer:
         cfg, graph = self.config, self.graph
         first = min(graph.index(name) for name in selection)
         start = graph.nodes[first].name
-        cache = graph.prefix(x, until=start, backend=cfg.backend)
+        cache = graph.prefix(x, until=start, weights=weights, backend=cfg.backend)
 
         loss_fn = cross_entropy if cfg.loss == "float" else integer_loss
 

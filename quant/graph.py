@@ -87,10 +87,12 @@ class QGraph:
                     env.pop(t, None)
         return env
 
-    def prefix(self, x: np.ndarray, until: str, *, backend="numba", rounding: str | None = None) -> dict:
-        """Run the nodes before ``until`` and return the tensors still live there (a cache for forward)."""
+    def prefix(self, x: np.ndarray, until: str, *, weights: dict | None = None, backend="numba",
+               rounding: str | None = None) -> dict:
+        """Run the nodes before ``until`` (with ``weights`` replacing stored ones, e.g. layers trained in an
+        earlier selection period) and return the tensors still live there (a cache for forward)."""
         env = {self.input_name: self.quantize_input(x)}
-        return self.run_nodes(env, 0, self.index(until), get_backend(backend), None, rounding or self.rounding)
+        return self.run_nodes(env, 0, self.index(until), get_backend(backend), weights, rounding or self.rounding)
 
     def forward(self, x, *, weights: dict | None = None, start: str | None = None, backend="numba",
                 rounding: str | None = None) -> np.ndarray:

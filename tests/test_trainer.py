@@ -137,3 +137,14 @@ def test_rgn_without_torch_ranks_layers_like_the_twin(task):
 
 def test_parse_bytes():
     assert parse_bytes("64KB") == 65536 and parse_bytes("1.5MB") == 1572864 and parse_bytes("300") == 300
+
+
+def test_prefix_cache_uses_the_trained_weights_of_earlier_periods(task):
+    """A layer trained in one selection period sits in the next period's prefix: the cache must use it."""
+    graph, data = task
+    first, later = graph.weighted_nodes()[0], graph.weighted_nodes()[2]
+    trained = {first.weight_key: np.clip(first.weight.astype(np.int32) + 300, -32767, 32767).astype(first.weight.dtype)}
+    cache = graph.prefix(data.x_test, until=later.name, weights=trained)
+    from_cache = graph.forward(cache, start=later.name, weights=trained)
+    assert np.array_equal(from_cache, graph.forward(data.x_test, weights=trained))
+    assert not np.array_equal(from_cache, graph.forward(data.x_test))
