@@ -34,14 +34,7 @@ class BackpropTrainer(Trainer):
         return float_weights(self.graph)
 
     def integer_weights(self, weights: dict) -> dict:
-        """Float weights and biases rounded onto the graph's grids (what the device would store)."""
-        out = {}
-        for n in self.graph.weighted_nodes():
-            out[n.weight_key] = quantize(weights[n.weight_key], n.w_params)
-            bias_scale = np.float64(n.in_params.scale) * n.w_params.scale.astype(np.float64)
-            limit = np.iinfo(n.bias.dtype).max
-            out[n.bias_key] = np.clip(np.rint(weights[n.bias_key] / bias_scale), -limit, limit).astype(n.bias.dtype)
-        return out
+        return rounded_weights(self.graph, weights)
 
     def logits(self, weights: dict, x: np.ndarray, grad_keys=()):
         import torch
@@ -87,6 +80,17 @@ class BackpropTrainer(Trainer):
         first = min(self.graph.index(name) for name in selection)
         prefix, suffix = sum(self.node_macs[:first]), sum(self.node_macs[first:])
         return prefix + 3 * suffix, 3 * (prefix + suffix)
+
+
+def rounded_weights(graph, weights: dict) -> dict:
+    """Float weights and biases rounded onto the graph's grids (what the device would store)."""
+    out = {}
+    for n in graph.weighted_nodes():
+        out[n.weight_key] = quantize(weights[n.weight_key], n.w_params)
+        bias_scale = np.float64(n.in_params.scale) * n.w_params.scale.astype(np.float64)
+        limit = np.iinfo(n.bias.dtype).max
+        out[n.bias_key] = np.clip(np.rint(weights[n.bias_key] / bias_scale), -limit, limit).astype(n.bias.dtype)
+    return out
 
 
 def trainer_for(config) -> type[Trainer]:

@@ -159,6 +159,25 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    """Export a training run's trained integer model to ONNX (qop: QLinear ops; qdq: Q/DQ + float ops)."""
+    from fwdgrad.deploy import export_run
+
+    print(f"wrote {export_run(args.run_dir, args.format, args.out)}")
+    return 0
+
+
+def _cmd_verify_onnx(args) -> int:
+    """Run an exported model in onnxruntime and the engine on the run's test images; compare them."""
+    from fwdgrad.deploy import verify_onnx
+
+    report = verify_onnx(args.model, args.run_dir, args.samples)
+    print(json.dumps(report, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
 def _cmd_models(args) -> int:
     from fwdgrad.models.zoo import MODELS
 
@@ -228,6 +247,19 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--device", help="one profile only (name or path.toml)")
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(run=_cmd_plan)
+
+    export = sub.add_parser("export", help=_cmd_export.__doc__)
+    export.add_argument("run_dir", help="a training run directory (fwdgrad train --out)")
+    export.add_argument("--format", default="qop", choices=["qop", "qdq"])
+    export.add_argument("--out", required=True, help="the .onnx file to write")
+    export.set_defaults(run=_cmd_export)
+
+    verify = sub.add_parser("verify-onnx", help=_cmd_verify_onnx.__doc__)
+    verify.add_argument("model", help="an exported .onnx file")
+    verify.add_argument("--run", dest="run_dir", required=True, help="the training run it came from (its data and engine)")
+    verify.add_argument("--samples", type=int, default=1000, help="test images to compare on")
+    verify.add_argument("--json", help="also write the report here")
+    verify.set_defaults(run=_cmd_verify_onnx)
 
     models = sub.add_parser("models", help="list the model zoo")
     models.set_defaults(run=_cmd_models)

@@ -16,7 +16,7 @@ from .perturb import DISTRIBUTIONS, SPACES
 from .selection import METHODS
 from .update import SCHEDULES
 
-BACKENDS = ("numpy", "numba")
+BACKENDS = ("numpy", "numba", "onnxruntime")
 
 
 def parse_bytes(text) -> int:

@@ -136,11 +136,7 @@ class Trainer:
                 old.unlink()
 
     def load(self) -> tuple[dict, dict, dict]:
-        state = json.loads((self.ckpt / "state.json").read_text())
-        arrays = np.load(self.ckpt / state["weights_file"])
-        weights = {k[2:]: arrays[k] for k in arrays.files if k.startswith("w:")}
-        momentum = {k[2:]: arrays[k] for k in arrays.files if k.startswith("m:")}
-        return state, weights, momentum
+        return load_checkpoint(self.out)
 
     # ---- channel selection ----------------------------------------------------------------------------
     def sampler(self) -> ChannelSampler:
@@ -317,6 +313,16 @@ def _npz_bytes(arrays: dict) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return buffer.getvalue()
+
+
+def load_checkpoint(out: str | Path) -> tuple[dict, dict, dict]:
+    """(state, weights, momentum) of the last checkpoint of the run in ``out``."""
+    ckpt = Path(out) / "checkpoint"
+    state = json.loads((ckpt / "state.json").read_text())
+    arrays = np.load(ckpt / state["weights_file"])
+    weights = {k[2:]: arrays[k] for k in arrays.files if k.startswith("w:")}
+    momentum = {k[2:]: arrays[k] for k in arrays.files if k.startswith("m:")}
+    return state, weights, momentum
 
 
 def load_graph(out: str | Path) -> QGraph:

@@ -91,6 +91,10 @@ class QGraph:
                rounding: str | None = None) -> dict:
         """Run the nodes before ``until`` (with ``weights`` replacing stored ones, e.g. layers trained in an
         earlier selection period) and return the tensors still live there (a cache for forward)."""
+        if backend == "onnxruntime":
+            from .backends.onnxruntime_backend import onnxruntime_prefix
+
+            return onnxruntime_prefix(self, x, until, weights)
         env = {self.input_name: self.quantize_input(x)}
         return self.run_nodes(env, 0, self.index(until), get_backend(backend), weights, rounding or self.rounding)
 
@@ -98,6 +102,12 @@ class QGraph:
                 rounding: str | None = None) -> np.ndarray:
         """Integer output for input ``x`` (float array, integer array, or with ``start`` a ``prefix`` cache)."""
         rounding = check_rounding(rounding or self.rounding)
+        if backend == "onnxruntime":
+            if rounding != "half_even":
+                raise ValueError("the onnxruntime backend computes half_even arithmetic only")
+            from .backends.onnxruntime_backend import onnxruntime_forward
+
+            return onnxruntime_forward(self, x, weights, start)
         if start is None:
             env, first = {self.input_name: self.quantize_input(x)}, 0
         else:
