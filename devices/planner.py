@@ -81,6 +81,22 @@ def greedy_arena(tensors: list[Tensor]) -> int:
     return peak
 
 
+def engine_activation_peak(graph: QGraph, x: np.ndarray) -> int:
+    """Peak bytes of the integer tensors the engine keeps alive while it runs the graph (its arena)."""
+    from quant.backends import get_backend
+
+    kernels = get_backend("numba")
+    env = {graph.input_name: graph.quantize_input(x)}
+    peak = sum(v.nbytes for v in env.values())
+    for i, node in enumerate(graph.nodes):
+        env[node.output] = node.run(kernels, [env[t] for t in node.inputs], graph.rounding)
+        peak = max(peak, sum(v.nbytes for v in env.values()))
+        for t in node.inputs:
+            if graph._last_use.get(t) == i and t != graph.output_name:
+                env.pop(t, None)
+    return peak
+
+
 def live_peak(tensors: list[Tensor]) -> int:
     """The lower bound any placement must reach: the most bytes alive at one node."""
     steps = range(min(t.first for t in tensors), max(t.last for t in tensors) + 1)

@@ -64,9 +64,14 @@ def main() -> None:
               f"the excess is the trainable copy and seeds), backprop on the same selection {min(bp):.1f}-{max(bp):.1f}x.",
               "", "![memory per device](devices.png)", "",
               "Profiles (`fwdgrad devices`) are estimates from datasheets, cited in each `devices/*.toml`. The planner's "
-              "arena follows TFLite Micro's greedy-by-size placement; it is not yet checked against a measured "
-              "peak of our engine, whose float32 temporaries differ from an MCU's int8 arena."]
-    (ROOT / "docs" / "devices.md").write_text("\n".join(lines) + "\n")
+              "arena follows TFLite Micro's greedy-by-size placement; the next section checks it against what our "
+              "engine holds."]
+    doc = ROOT / "docs" / "devices.md"
+    begin, end = "<!-- plan_devices:begin -->", "<!-- plan_devices:end -->"
+    section = "\n".join([begin] + lines + [end])
+    text = doc.read_text() if doc.exists() else ""
+    doc.write_text(text[:text.index(begin)] + section + text[text.index(end) + len(end):] if begin in text
+                   else section + "\n" + text)
     plot(host)
     print("\n".join(lines))
 

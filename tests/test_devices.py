@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from devices.planner import Tensor, budget_shape, greedy_arena, live_peak, plan, tensor_lifetimes
+from devices.planner import Tensor, budget_shape, engine_activation_peak, greedy_arena, live_peak, plan, tensor_lifetimes
 from devices.profiles import load_profile, profile_names
 from fwdgrad.cli import main
 from fwdgrad.config import TrainConfig
@@ -62,6 +62,13 @@ def test_greedy_arena_is_between_the_live_bound_and_no_reuse(task):
     # a chain a -> b -> c -> d: only neighbours overlap, so two slots of the biggest sizes suffice
     chain = [Tensor("a", 100, -1, 0), Tensor("b", 60, 0, 1), Tensor("c", 100, 1, 2), Tensor("d", 60, 2, 3)]
     assert greedy_arena(chain) == live_peak(chain) == 160
+
+
+def test_the_engine_holds_what_the_plan_says(task):
+    graph, data = task
+    tensors = [t for t in tensor_lifetimes(graph, (1, 8, 8)) if not t.name.endswith(":scratch")]
+    measured = engine_activation_peak(graph, data.x_test[:1])
+    assert live_peak(tensors) <= measured <= greedy_arena(tensors) <= 1.2 * measured
 
 
 def test_zo_adds_little_to_inference_and_backprop_adds_much(task):
