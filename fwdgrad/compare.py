@@ -163,29 +163,74 @@ def write_report(results: list[dict], out: Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    lines = ["# Comparison", "", "Top-1 on the test set (%), mean ± std over seeds.", "",
-             "| row | seeds | zero-shot | final | best | forward calls | trainable bytes | train s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["# Comparison", "", "Top-1 on the test set (%), mean ± std over seeds. Device memory: the planned "
+             "peak SRAM of ZO training and of backprop with the run's last channel selection, batch 1, on the "
+             "run's `device` profile (`devices/planner.py`).", "",
+             "| row | seeds | zero-shot | final | best | forward calls | trainable bytes | ZO memory KB | "
+             "BP memory KB | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    memory = {}
     failures = []
     for row, items in _rows(results).items():
         done = [r["summary"] for r in items if "summary" in r]
         failures += [r for r in items if "error" in r]
         if not done:
-            lines.append(f"| {row} | 0 of {len(items)} | failed | | | | | |")
+            lines.append(f"| {row} | 0 of {len(items)} | failed | | | | | | | |")
             continue
+        memory[row] = planned_memory(next(r["dir"] for r in items if "summary" in r))
         lines.append(f"| {row} | {len(done)} | {_mean_std([s['zero_shot_top1'] for s in done])} | "
                      f"{_mean_std([s['final_top1'] for s in done])} | {_mean_std([s['best_top1'] for s in done])} | "
                      f"{int(np.mean([s['forward_calls'] for s in done]))} | {done[0]['trainable_bytes']} | "
+                     f"{memory[row]['zo'] / 1024:.1f} | {memory[row]['bp'] / 1024:.1f} | "
                      f"{np.mean([s['train_seconds'] for s in done]):.0f} |")
     _plot_curves(results, out / "accuracy_vs_epoch.png")
     lines += ["", "![test top-1 vs epoch](accuracy_vs_epoch.png)"]
     if _plot_budgets(results, out / "accuracy_vs_budget.png"):
         lines += ["", "![test top-1 vs memory budget](accuracy_vs_budget.png)"]
+    if memory:
+        _plot_memory(memory, out / "memory.png")
+        lines += ["", "![planned device memory](memory.png)"]
     if failures:
         lines += ["", "## Failed runs", ""] + [f"- `{r['dir']}`: {r['error']}" for r in failures]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
+
+
+def planned_memory(run_dir: str) -> dict:
+    """Planned peak bytes of ZO training, backprop and inference for a finished run's last selection."""
+    from devices.planner import plan, selection_shape
+    from devices.profiles import load_profile
+
+    from .trainer import load_checkpoint, load_graph
+
+    cfg = TrainConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
+    graph = load_graph(run_dir)
+    state, _, _ = load_checkpoint(run_dir)
+    selection = {k: np.array(v) for k, v in state["selection"].items()}
+    shape = selection_shape(graph, selection, m=cfg.m, batch=1, momentum=cfg.momentum > 0, bias=cfg.train_bias)
+    result = plan(graph, _sample_shape(Path(run_dir) / "model.onnx"), load_profile(cfg.device), shape)
+    return {"zo": result.zo_peak, "bp": result.bp_peak, "inference": result.inference_peak}
+
+
+def _sample_shape(model_path: Path) -> tuple:
+    """(C, H, W) of the float model the run quantized (its ONNX input, batch dimension dropped)."""
+    import onnx
+
+    dims = onnx.load(model_path, load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    return tuple(d.dim_value for d in dims[1:])
+
+
+def _plot_memory(memory: dict, path: Path) -> None:
+    """Bars: planned inference, ZO and backprop peak per row."""
+    figure, axis = _pyplot().subplots(figsize=(7, 4.5))
+    rows = list(memory)
+    positions = np.arange(len(rows))
+    for i, key in enumerate(["inference", "zo", "bp"]):
+        axis.bar(positions + (i - 1) * 0.27, [memory[r][key] / 1024 for r in rows], 0.27,
+                 label={"inference": "inference", "zo": "ZO training", "bp": "backprop"}[key])
+    axis.set_xticks(positions, rows, rotation=30, ha="right", fontsize=7)
+    axis.set_ylabel("planned peak memory (KB)")
+    _save(figure, axis, path)
 
 
 def _history(run_dir: str) -> list[dict]:

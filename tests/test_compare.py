@@ -1,6 +1,8 @@
 """fwdgrad compare: grids expand as written, runs are reused, failures are reported, the report is whole."""
 import json
+from pathlib import Path
 
+import onnx
 import pytest
 
 import fwdgrad.task
@@ -44,7 +46,12 @@ def residual_task(residual_net, monkeypatch):
     """The grid trains the conftest residual net on sklearn digits (in this process)."""
     _, x, y, proto = residual_net
     monkeypatch.setattr(fwdgrad.task, "prepare_data", lambda cfg: TrainData(x[:400], y[:400], x[1500:1700], y[1500:1700]))
-    monkeypatch.setattr(fwdgrad.task, "prepare_graph", lambda cfg, data, out: convert(proto, x[:200], bits=cfg.bits))
+    def prepare_graph(cfg, data, out):  # as the real one: the float model goes to OUT/model.onnx
+        Path(out).mkdir(parents=True, exist_ok=True)
+        onnx.save(proto, Path(out) / "model.onnx")
+        return convert(proto, x[:200], bits=cfg.bits)
+
+    monkeypatch.setattr(fwdgrad.task, "prepare_graph", prepare_graph)
 
 
 def write(tmp_path, text):
@@ -79,6 +86,10 @@ def test_compare_writes_the_report_and_reuses_finished_runs(tmp_path, residual_t
     text = report.read_text()
     assert "| BP selection=last-layer | 2 |" in text and "| ZO selection=trady | 2 |" in text
     assert (tmp_path / "out" / "accuracy_vs_epoch.png").stat().st_size > 10_000
+    assert (tmp_path / "out" / "memory.png").stat().st_size > 10_000
+    row = next(line for line in text.splitlines() if line.startswith("| BP selection=trady"))
+    zo_kb, bp_kb = (float(v) for v in row.split("|")[8:10])
+    assert 0 < zo_kb < bp_kb  # backprop on the same selection needs more memory than ZO
     stored = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [r["seed"] for r in stored] == [r["seed"] for r in results]
     bp = [r["summary"] for r in results if r["row"].startswith("BP")]
