@@ -49,6 +49,7 @@ class TrainConfig:
     space: str = "steps"  # what eps, lr and rho count in: "steps" (8-bit weight steps) or "real" (weight units)
     eps: float = 2.0  # perturbation size (see space)
     lr: float = 0.5  # update per unit of projected gradient (see space)
+    lr_scale: str = "none"  # "dimension": the ZO lr is divided by the number of perturbed weights
     bp_lr: float = 0.05  # backprop reference: SGD learning rate on the real-valued weights
     schedule: str = "cosine"
     warmup_steps: int = 0
@@ -79,6 +80,7 @@ class TrainConfig:
                                      ("schedule", self.schedule, SCHEDULES), ("backend", self.backend, BACKENDS),
                                      ("distribution", self.distribution, DISTRIBUTIONS), ("space", self.space, SPACES),
                                      ("head", self.head, ("probe", "random", "keep")),
+                                     ("lr_scale", self.lr_scale, ("none", "dimension")),
                                      ("loss", self.loss, ("float", "integer"))):
             if value not in allowed:
                 raise ValueError(f"bad {name} {value!r}: use one of {', '.join(allowed)}")

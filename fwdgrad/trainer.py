@@ -260,6 +260,8 @@ class Trainer:
         est = estimate(loss_at, weights, masks, self._units[1], self.limits, step_seed=step_seed, m=cfg.m, eps=cfg.eps,
                        distribution=cfg.distribution, method=cfg.estimator, rho=cfg.rho)
         lr = learning_rate(cfg.lr, cfg.schedule, step, self.total_steps, cfg.warmup_steps)
+        if cfg.lr_scale == "dimension":  # ZO's stable step shrinks like m / d: keep lr meaningful across budgets
+            lr /= sum(len(u) for u in self._units[1].values())
         new = apply_update(graph, weights, est, lr, cfg.eps, self.limits, step_seed,
                            momentum if cfg.momentum > 0 else None, cfg.momentum)
         weights.update(new)

@@ -148,3 +148,12 @@ def test_prefix_cache_uses_the_trained_weights_of_earlier_periods(task):
     from_cache = graph.forward(cache, start=later.name, weights=trained)
     assert np.array_equal(from_cache, graph.forward(data.x_test, weights=trained))
     assert not np.array_equal(from_cache, graph.forward(data.x_test))
+
+
+def test_dimension_scaled_lr_is_the_plain_lr_divided_by_the_perturbed_weights(task, tmp_path):
+    graph, _ = task
+    head = graph.weighted_nodes()[-1]
+    d = head.weight.size + head.bias.size  # last-layer selection: the whole head and its bias
+    plain = train(task, tmp_path / "plain", selection="last-layer", epochs=1, lr=0.5)
+    scaled = train(task, tmp_path / "scaled", selection="last-layer", epochs=1, lr=0.5 * d, lr_scale="dimension")
+    assert plain["weights_sha256"] == scaled["weights_sha256"]
