@@ -160,7 +160,7 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    """Export a training run's trained integer model to ONNX (qop: QLinear ops; qdq: Q/DQ + float ops)."""
+    """Export a training run's trained integer model to ONNX (qop: integer operators; qdq: Q/DQ + float ops)."""
     from fwdgrad.deploy import export_run
 
     print(f"wrote {export_run(args.run_dir, args.format, args.out)}")
@@ -168,11 +168,16 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_verify_onnx(args) -> int:
-    """Run an exported model in onnxruntime and the engine on the run's test images; compare them."""
+    """Run an exported model in onnxruntime and the engine on the same test images; compare them."""
     from fwdgrad.deploy import verify_onnx
 
-    report = verify_onnx(args.model, args.run_dir, args.samples)
-    print(json.dumps(report, indent=2))
+    report = verify_onnx(args.model, args.run_dir, args.data, args.samples, args.optimization)
+    print(f"{report['model']} ({report['format']}, {report['bits']}) on {report['samples']} {report['data']} test "
+          f"images, onnxruntime optimization {report['optimization']}:\n"
+          f"  top-1 onnxruntime {report['onnxruntime_top1']:.4f}   engine {report['engine_top1']:.4f}   "
+          f"agreement {report['top1_agreement']:.4f}\n"
+          f"  max integer difference of the logits {report['max_integer_difference']} "
+          f"({report['differing_logits']:.2%} of logits differ)")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
@@ -249,15 +254,18 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(run=_cmd_plan)
 
     export = sub.add_parser("export", help=_cmd_export.__doc__)
-    export.add_argument("run_dir", help="a training run directory (fwdgrad train --out)")
+    export.add_argument("run_dir", metavar="RUN", help="a training run directory (fwdgrad train --out) or its checkpoint/ directory")
     export.add_argument("--format", default="qop", choices=["qop", "qdq"])
     export.add_argument("--out", required=True, help="the .onnx file to write")
     export.set_defaults(run=_cmd_export)
 
     verify = sub.add_parser("verify-onnx", help=_cmd_verify_onnx.__doc__)
     verify.add_argument("model", help="an exported .onnx file")
-    verify.add_argument("--run", dest="run_dir", required=True, help="the training run it came from (its data and engine)")
+    verify.add_argument("--run", dest="run_dir", required=True, help="the training run it came from (its engine)")
+    verify.add_argument("--data", help="data set whose test split to compare on (default: the run's)")
     verify.add_argument("--samples", type=int, default=1000, help="test images to compare on")
+    verify.add_argument("--optimization", default="basic", choices=["basic", "all"],
+                        help="onnxruntime graph optimizations (all: its default, with CPU-specific fusions)")
     verify.add_argument("--json", help="also write the report here")
     verify.set_defaults(run=_cmd_verify_onnx)
 

@@ -91,30 +91,28 @@ class QGraph:
                rounding: str | None = None) -> dict:
         """Run the nodes before ``until`` (with ``weights`` replacing stored ones, e.g. layers trained in an
         earlier selection period) and return the tensors still live there (a cache for forward)."""
-        if backend == "onnxruntime":
-            from .backends.onnxruntime_backend import onnxruntime_prefix
-
-            return onnxruntime_prefix(self, x, until, weights)
         env = {self.input_name: self.quantize_input(x)}
-        return self.run_nodes(env, 0, self.index(until), get_backend(backend), weights, rounding or self.rounding)
+        return self._execute(env, 0, self.index(until), backend, weights, rounding or self.rounding)
 
     def forward(self, x, *, weights: dict | None = None, start: str | None = None, backend="numba",
                 rounding: str | None = None) -> np.ndarray:
         """Integer output for input ``x`` (float array, integer array, or with ``start`` a ``prefix`` cache)."""
         rounding = check_rounding(rounding or self.rounding)
-        if backend == "onnxruntime":
-            if rounding != "half_even":
-                raise ValueError("the onnxruntime backend computes half_even arithmetic only")
-            from .backends.onnxruntime_backend import onnxruntime_forward
-
-            return onnxruntime_forward(self, x, weights, start)
         if start is None:
             env, first = {self.input_name: self.quantize_input(x)}, 0
         else:
             if not isinstance(x, dict):
                 raise TypeError("with start=, pass the dict returned by graph.prefix(x, until=start)")
             env, first = dict(x), self.index(start)
-        return self.run_nodes(env, first, len(self.nodes), get_backend(backend), weights, rounding)[self.output_name]
+        return self._execute(env, first, len(self.nodes), backend, weights, rounding)[self.output_name]
+
+    def _execute(self, env: dict, first: int, last: int, backend, weights: dict | None, rounding: str) -> dict:
+        """Nodes [first, last) on a backend: kernel by kernel, or (onnxruntime) as one exported segment."""
+        if backend == "onnxruntime":
+            from .backends.onnxruntime_backend import run_segment
+
+            return run_segment(self, env, first, last, weights, rounding)
+        return self.run_nodes(env, first, last, get_backend(backend), weights, rounding)
 
     def forward_float(self, x, **kwargs) -> np.ndarray:
         """Dequantized output (e.g. float32 logits)."""

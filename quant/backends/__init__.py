@@ -31,5 +31,7 @@ def get_backend(name: str | Kernels) -> Kernels:
     elif name == "numba":
         from .numba_backend import KERNELS
     else:
-        raise ValueError(f"unknown backend {name!r}: use one of {', '.join(BACKENDS)}")
+        hint = " (onnxruntime runs whole graphs: QGraph.forward/prefix take backend='onnxruntime')" \
+            if name == "onnxruntime" else ""
+        raise ValueError(f"unknown backend {name!r}: use one of {', '.join(BACKENDS)}{hint}")
     return KERNELS
