@@ -77,12 +77,12 @@ def test_onnx_export_matches_torch(name, resolution, cache_dir):
 
 
 def test_model_onnx_caches_export(cache_dir, monkeypatch):
-    first = zoo.model_onnx("small-cnn", cache_dir=cache_dir)
+    first = zoo.model_onnx("mobilenetv2", resolution=96, cache_dir=cache_dir)
     mtime = first.stat().st_mtime_ns
-    assert zoo.model_onnx("small-cnn", cache_dir=cache_dir) == first
+    assert zoo.model_onnx("mobilenetv2", resolution=96, cache_dir=cache_dir) == first
     assert first.stat().st_mtime_ns == mtime
     monkeypatch.setenv("FWDGRAD_CACHE", str(cache_dir / "env"))
-    assert zoo.model_onnx("small-cnn").parent == cache_dir / "env" / "models"
+    assert zoo.model_onnx("mobilenetv2", resolution=96).parent == cache_dir / "env" / "models"
 
 
 def test_zoo_rejects_unknown_names_and_resolutions():
@@ -92,6 +92,9 @@ def test_zoo_rejects_unknown_names_and_resolutions():
         zoo.model_input_shape("mobilenetv2", 100)
     assert zoo.model_input_shape("mobilenetv2", 160) == (1, 3, 160, 160)
     assert zoo.model_input_shape("small-cnn") == (1, 1, 28, 28)
+    assert zoo.model_input_shape("audio-cnn") == (1, 1, 40, 48)
+    with pytest.raises(ValueError, match="width 1.0 only"):
+        zoo.MODELS["small-cnn"].build(0.5)
 
 
 def test_real_photos_are_deterministic_normalised_crops():

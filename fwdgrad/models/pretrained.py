@@ -36,6 +36,7 @@ class Recipe:
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
+FASHION_RECIPE = Recipe()
 # The audio model: the same small CNN on log-mel images of keywords spoken by espeak-ng voices.
 AUDIO_RECIPE = Recipe(dataset="keywords-espeak", width=16, epochs=40, batch_size=32, lr=3e-3)
 
