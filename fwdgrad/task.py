@@ -108,13 +108,19 @@ def replace_head(net, x: np.ndarray, y: np.ndarray, classes: int, how: str, seed
     return net.eval()
 
 
+def train_indices(cfg: TrainConfig, n: int) -> np.ndarray:
+    """Which of the data set's ``n`` training samples a run uses, in its order (a seeded subset), so that
+    per-sample facts kept elsewhere (e.g. the voice of a clip) can follow them."""
+    return np.random.default_rng([cfg.seed, 0x5A3]).permutation(n)[:cfg.train_samples or None]
+
+
 def prepare_data(cfg: TrainConfig) -> TrainData:
     """The task's train/test inputs, in the model's input format (deterministic for a config)."""
     from .data.datasets import load_dataset
 
     train, test = load_dataset(cfg.dataset, "train"), load_dataset(cfg.dataset, "test")
     resolution = cfg.resolution or (96 if cfg.model == "mobilenetv2" else 28)
-    train_idx = np.random.default_rng([cfg.seed, 0x5A3]).permutation(len(train.labels))[:cfg.train_samples or None]
+    train_idx = train_indices(cfg, len(train.labels))
     test_idx = np.arange(len(test.labels))[:cfg.test_samples or None]
     return TrainData(model_inputs(cfg.model, train.images[train_idx], resolution), train.labels[train_idx],
                      model_inputs(cfg.model, test.images[test_idx], resolution), test.labels[test_idx])

@@ -22,7 +22,7 @@ from quant.graph import QGraph
 
 from .channels import Selection, selection_bytes, selection_count
 from .config import TrainConfig
-from .estimators import estimate
+from .estimators import Estimate, estimate
 from .loss import LOSS_FRACTION_BITS, cross_entropy, integer_cross_entropy, top1
 from .perturb import integer_limits, perturbation_units, selection_masks
 from .selection import ChannelSampler, channel_rgn, channel_rgn_zo, preselect_layers
@@ -201,7 +201,6 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=state["step"], desc=self.progress_label, unit="step")
         while state["step"] < self.total_steps:
             step = state["step"]
-            epoch, index = divmod(step, self.steps_per_epoch)
             if self.period_of(step) != period:
                 period = self.period_of(step)
                 rgn_now = channel_rgn(graph, data.x_train[:cfg.rgn_samples], data.y_train[:cfg.rgn_samples],
@@ -211,8 +210,7 @@ class Trainer:
                 momentum = {}  # newly selected channels start from rest
                 state["period"], state["selection"] = period, {k: v.tolist() for k, v in selection.items()}
                 masks = selection_masks(graph, selection, cfg.train_bias)
-            order = np.random.default_rng([cfg.seed, 0xDA7A, epoch]).permutation(len(data.x_train))
-            batch = order[index * cfg.batch_size:(index + 1) * cfg.batch_size]
+            batch = self.batch_indices(step)
             loss, calls = self.step(weights, momentum, masks, selection, data.x_train[batch], data.y_train[batch], step)
             epoch_losses.append(loss)
             state["step"] += 1
@@ -240,10 +238,26 @@ class Trainer:
         bar.close()
         return self.summarize(state, weights)
 
+    def batch_indices(self, step: int) -> np.ndarray:
+        """The training samples of ``step``: a seeded permutation per epoch, cut into batches."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng([self.config.seed, 0xDA7A, epoch]).permutation(len(self.data.x_train))
+        return order[index * self.config.batch_size:(index + 1) * self.config.batch_size]
+
     def step(self, weights, momentum, masks, selection: Selection, x, y, step: int) -> tuple[float, int]:
         """One forward-gradient step; updates ``weights`` (and ``momentum``) in place.
 
         Returns the mean loss of the perturbed calls and the number of forward calls made."""
+        cfg = self.config
+        est, seed = self.gradient(weights, masks, selection, x, y, step)
+        new = apply_update(self.graph, weights, est, self.learning_rate(step), cfg.eps, self.limits, seed,
+                           momentum if cfg.momentum > 0 else None, cfg.momentum)
+        weights.update(new)
+        return float(np.mean(est.losses)), est.forward_calls
+
+    def gradient(self, weights, masks, selection: Selection, x, y, step: int) -> tuple[Estimate, int]:
+        """The step's estimate and its seed. The seed regenerates every perturbation and the rounding noise,
+        so (seed, projected gradients) is the whole update: a fleet device uploads only that."""
         cfg, graph = self.config, self.graph
         first = min(graph.index(name) for name in selection)
         start = graph.nodes[first].name
@@ -254,18 +268,16 @@ class Trainer:
         def loss_at(w):
             return loss_fn(graph.forward(cache, start=start, weights=w, backend=cfg.backend), graph.output_params, y)
 
-        step_seed = int(np.random.default_rng([cfg.seed, 0x57E9, step]).integers(0, 2 ** 62))
+        seed = step_seed(cfg.seed, step)
         if self._units[0] is not masks:  # integer steps per unit of eps: once per selection
             self._units = (masks, perturbation_units(graph, masks, cfg.space))
-        est = estimate(loss_at, weights, masks, self._units[1], self.limits, step_seed=step_seed, m=cfg.m, eps=cfg.eps,
+        est = estimate(loss_at, weights, masks, self._units[1], self.limits, step_seed=seed, m=cfg.m, eps=cfg.eps,
                        distribution=cfg.distribution, method=cfg.estimator, rho=cfg.rho)
-        lr = learning_rate(cfg.lr, cfg.schedule, step, self.total_steps, cfg.warmup_steps)
-        if cfg.lr_scale == "dimension":  # ZO's stable step shrinks like m / d: keep lr meaningful across budgets
-            lr /= sum(len(u) for u in self._units[1].values())
-        new = apply_update(graph, weights, est, lr, cfg.eps, self.limits, step_seed,
-                           momentum if cfg.momentum > 0 else None, cfg.momentum)
-        weights.update(new)
-        return float(np.mean(est.losses)), est.forward_calls
+        return est, seed
+
+    def learning_rate(self, step: int) -> float:
+        """The update size of ``step`` for the current selection (after ``gradient`` drew it)."""
+        return step_learning_rate(self.config, step, self.total_steps, self._units[1])
 
     def summarize(self, state: dict, weights: dict) -> dict:
         history = state["history"]
@@ -278,6 +290,20 @@ class Trainer:
                    "weights_sha256": weights_digest(weights)}
         atomic_write_json(self.out / "summary.json", summary)
         return summary
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of everything random in a step: perturbations and stochastic-rounding noise."""
+    return int(np.random.default_rng([seed, 0x57E9, step]).integers(0, 2 ** 62))
+
+
+def step_learning_rate(cfg: TrainConfig, step: int, total_steps: int, units: dict) -> float:
+    """Schedule value at ``step``; with ``lr_scale = dimension`` divided by the number of perturbed weights
+    (``units`` holds one entry per perturbed weight), since ZO's stable step shrinks like m / d."""
+    lr = learning_rate(cfg.lr, cfg.schedule, step, total_steps, cfg.warmup_steps)
+    if cfg.lr_scale == "dimension":
+        lr /= sum(len(u) for u in units.values())
+    return lr
 
 
 def rgn_cache_dir() -> Path:
