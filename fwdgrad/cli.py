@@ -8,6 +8,18 @@ from pathlib import Path
 
 
 def _cmd_demo(args) -> int:
+    """The main job: quantize a pretrained model w16a8, fine-tune it with forward gradients within a 256 KB
+    MCU's memory, run backprop on the same channels, export to ONNX and verify it in onnxruntime."""
+    from fwdgrad.demo import format_demo, run_demo
+
+    summary = run_demo(args.out, epochs=args.epochs, bp_epochs=args.bp_epochs, samples=args.samples,
+                       workers=args.workers)
+    print(format_demo(summary))
+    print(f"report, plots and runs in {args.out}/ (report.md, accuracy_vs_epoch.png, memory.png, demo.json)")
+    return 0
+
+
+def _cmd_ptq_demo(args) -> int:
     """Quantize the packaged ImageNet MobileNetV2 and report how close int8/int16 stay to float."""
     from fwdgrad.data.photos import real_photos
     from fwdgrad.models.zoo import model_onnx
@@ -186,6 +198,10 @@ def _cmd_verify_onnx(args) -> int:
 def _cmd_models(args) -> int:
     from fwdgrad.models.zoo import MODELS
 
+    if args.json:
+        print(json.dumps({name: {"resolutions": list(spec.resolutions), "description": spec.description}
+                          for name, spec in MODELS.items()}, indent=2))
+        return 0
     for name, spec in MODELS.items():
         print(f"{name:14s} resolutions {list(spec.resolutions)}  {spec.description}")
     return 0
@@ -198,13 +214,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help=_cmd_demo.__doc__)
+    demo.add_argument("--out", default="demo-out", help="directory for runs, report, plots and the ONNX file")
+    demo.add_argument("--epochs", type=int, default=8, help="forward-gradient epochs")
+    demo.add_argument("--bp-epochs", type=int, default=4, help="backprop reference epochs")
+    demo.add_argument("--samples", type=int, default=2000, help="MNIST images to fine-tune on (as many to test on)")
+    demo.add_argument("--workers", type=int, default=2, help="processes (the ZO and BP runs side by side)")
+    demo.set_defaults(run=_cmd_demo)
+
+    demo = sub.add_parser("ptq-demo", help=_cmd_ptq_demo.__doc__)
     demo.add_argument("--resolution", type=int, default=224)
     demo.add_argument("--images", type=int, default=96, help="evaluation crops")
     demo.add_argument("--calibration", type=int, default=128, help="calibration crops")
     demo.add_argument("--bits", nargs="+", default=["w8a8", "w16a8"])
     demo.add_argument("--backend", default="numba", choices=["numba", "numpy"])
     demo.add_argument("--out", help="also write the results as JSON here")
-    demo.set_defaults(run=_cmd_demo)
+    demo.set_defaults(run=_cmd_ptq_demo)
 
     quantize = sub.add_parser("quantize", help=_cmd_quantize.__doc__)
     quantize.add_argument("model", help="float ONNX model (one input, logits output)")
@@ -269,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", help="also write the report here")
     verify.set_defaults(run=_cmd_verify_onnx)
 
-    models = sub.add_parser("models", help="list the model zoo")
+    models = sub.add_parser("models", help="the model zoo")
+    models.add_argument("action", nargs="?", choices=["list"], default="list", help="list (the default)")
+    models.add_argument("--json", action="store_true", help="machine-readable output")
     models.set_defaults(run=_cmd_models)
     return parser
 
