@@ -95,7 +95,7 @@ def _cmd_compare(args) -> int:
     """Run a grid of training runs (methods x selections x budgets x seeds) and write a report."""
     from fwdgrad.compare import compare
 
-    report, results = compare(args.config, args.out, args.workers)
+    report, results = compare(args.config, args.out, args.workers, args.executor, args.address)
     print(report.read_text())
     failed = [r for r in results if "error" in r]
     for r in failed:
@@ -251,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--config", required=True, help="grid TOML: [base], [grid] lists, optional [[row]] tables")
     compare.add_argument("--out", required=True, help="report directory (runs/, report.md, results.json, plots)")
     compare.add_argument("--workers", type=int, default=2, help="parallel training processes")
+    compare.add_argument("--executor", default="local", choices=["local", "ray"],
+                         help="local: worker processes here; ray: one Ray task per run")
+    compare.add_argument("--address", help="Ray cluster to submit to (default: a local Ray instance)")
     compare.set_defaults(run=_cmd_compare)
 
     data = sub.add_parser("data", help="the data-set registry")

@@ -15,24 +15,22 @@ A grid file (TOML) has three parts:
 
 Every run writes its own directory (``DIR/runs/<row>-seed<k>``) like ``fwdgrad train`` does, so a finished
 run is reused and a killed one resumes; a run that fails is reported with its error, never dropped.
+Runs execute in worker processes here or as Ray tasks (``fwdgrad.executors``); results.json is the same.
 """
 from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import tomllib
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from .config import TrainConfig
+from .executors import make_executor
 
 
 @dataclass(frozen=True)
@@ -86,16 +84,24 @@ def run_one(settings: dict, out: str) -> dict:
 
     out = Path(out)
     cfg = TrainConfig.from_dict(settings)
-    summary_path = out / "summary.json"
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        if TrainConfig.from_dict(summary["config"]).digest() == cfg.digest():
-            return summary
-        raise ValueError(f"{out} holds a run of another configuration: delete it or use another compare --out")
+    summary = finished_summary(settings, out)
+    if summary is not None:
+        return summary
     resume = (out / "checkpoint" / "state.json").exists()
     data = prepare_data(cfg)
     graph = load_graph(out) if resume else prepare_graph(cfg, data, out)
     return trainer_for(cfg)(graph, data, cfg, out).run(resume=resume)
+
+
+def finished_summary(settings: dict, out: str | Path) -> dict | None:
+    """The summary of the finished run of ``settings`` in ``out``, or None if it has not finished."""
+    summary_path = Path(out) / "summary.json"
+    if not summary_path.exists():
+        return None
+    summary = json.loads(summary_path.read_text())
+    if TrainConfig.from_dict(summary["config"]).digest() != TrainConfig.from_dict(settings).digest():
+        raise ValueError(f"{out} holds a run of another configuration: delete it or use another compare --out")
+    return summary
 
 
 def _run_safely(settings: dict, out: str) -> dict:
@@ -105,43 +111,30 @@ def _run_safely(settings: dict, out: str) -> dict:
         return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
 
 
-@contextmanager
-def _threads_per_worker(workers: int):
-    """Give each worker process its share of the cores (numba and BLAS read these at import)."""
-    share = str(max(1, (os.cpu_count() or 1) // workers))
-    names = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-    saved = {n: os.environ.get(n) for n in names}
-    os.environ.update({n: share for n in names})
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def run_grid(runs: list[RunSpec], out: Path, workers: int = 1) -> list[dict]:
-    """Every run's result (``summary`` or ``error``), in grid order; runs go to ``workers`` processes."""
-    import multiprocessing
-
+def run_grid(runs: list[RunSpec], out: Path, workers: int = 1, executor: str = "local",
+             address: str | None = None, job=None) -> list[dict]:
+    """Every run's result (``summary`` or ``error``, and ``attempts``: 0 for a finished run reused), in grid
+    order. Finished runs are read here; the others go to the executor (``fwdgrad.executors``), which calls
+    ``job(settings, out)`` (default: train the run; a picklable stand-in lets tests train a tiny model)."""
     out = Path(out)
-    results: list[dict | None] = [None] * len(runs)
     jobs = [(r.settings, str(out / "runs" / r.dirname)) for r in runs]
-    bar = tqdm(total=len(runs), desc="compare", unit="run")
-    if workers <= 1:
-        for i, job in enumerate(jobs):
-            results[i] = _run_safely(*job)
-            bar.update(1)
-    else:
-        with _threads_per_worker(workers), ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_run_safely, *job): i for i, job in enumerate(jobs)}
-            for future in as_completed(futures):
-                results[futures[future]] = future.result()
-                bar.update(1)
-    bar.close()
+    results: list[dict | None] = [None] * len(runs)
+    todo = []
+    for i, (settings, run_dir) in enumerate(jobs):
+        try:
+            summary = finished_summary(settings, run_dir)
+        except ValueError as err:
+            results[i] = {"error": f"ValueError: {err}", "attempts": 0}
+            continue
+        if summary is None:
+            todo.append(i)
+        else:
+            results[i] = {"summary": summary, "attempts": 0}
+    if todo:
+        done = make_executor(executor, workers, address).run(job or _run_safely, [jobs[i] for i in todo],
+                                                              desc="compare")
+        for i, result in zip(todo, done):
+            results[i] = result
     return [{"row": r.row, "seed": r.seed, "dir": str(out / "runs" / r.dirname)} | result
             for r, result in zip(runs, results)]
 
@@ -291,7 +284,8 @@ def _plot_budgets(results: list[dict], path: Path) -> bool:
     return True
 
 
-def compare(grid_file: str | Path, out: str | Path, workers: int = 1) -> tuple[Path, list[dict]]:
+def compare(grid_file: str | Path, out: str | Path, workers: int = 1, executor: str = "local",
+            address: str | None = None) -> tuple[Path, list[dict]]:
     runs = load_grid(grid_file)
-    results = run_grid(runs, Path(out), workers)
+    results = run_grid(runs, Path(out), workers, executor, address)
     return write_report(results, Path(out)), results
