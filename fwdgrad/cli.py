@@ -300,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("action", nargs="?", choices=["list"], default="list", help="list (the default)")
     models.add_argument("--json", action="store_true", help="machine-readable output")
     models.set_defaults(run=_cmd_models)
+
+    from fwdgrad.cli_scale import add_scale_commands
+
+    add_scale_commands(sub)  # fwdgrad tune, fwdgrad fleet
     return parser
 
 
