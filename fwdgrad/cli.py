@@ -74,7 +74,8 @@ def _cmd_train(args) -> int:
         out = Path(args.resume)
         if not (out / "checkpoint" / "state.json").exists():
             raise FileNotFoundError(f"nothing to resume in {out}: no checkpoint/state.json (start it with --out)")
-        cfg = TrainConfig.from_dict(json.loads((out / "config.json").read_text()) | overrides)
+        given = (TrainConfig.read_toml(args.config) if args.config else {}) | overrides  # checked against the run's
+        cfg = TrainConfig.from_dict(json.loads((out / "config.json").read_text()) | given)
         graph = load_graph(out)
     else:
         if not args.out:
@@ -331,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:  # user mistakes: one line, no traceback
+    except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+            FloatingPointError) as err:  # user mistakes: one line, no traceback
         print(f"fwdgrad: error: {err}", file=sys.stderr)
         return 2
 

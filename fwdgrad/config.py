@@ -121,11 +121,24 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}; known: {sorted(known)}")
+            import difflib
+
+            hints = [f"{close[0]!r} for {k!r}" for k in unknown if (close := difflib.get_close_matches(k, known, 1))]
+            hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+            raise ValueError(f"unknown config keys {unknown}{hint}; known: {sorted(known)}")
         return cls(**values)
+
+    @staticmethod
+    def read_toml(path: str | Path) -> dict:
+        """The settings a TOML file gives (its [train] table, or its top-level keys), unvalidated."""
+        try:
+            with open(path, "rb") as f:
+                values = tomllib.load(f)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path} is not valid TOML ({err}): write settings as key = value, "
+                             f"e.g. budget = \"8KB\"") from err
+        return values.get("train", values)
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: dict | None = None) -> "TrainConfig":
-        with open(path, "rb") as f:
-            values = tomllib.load(f)
-        return cls.from_dict(values.get("train", values) | (overrides or {}))
+        return cls.from_dict(cls.read_toml(path) | (overrides or {}))

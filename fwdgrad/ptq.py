@@ -12,8 +12,8 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
-from quant.convert import convert
-from quant.graph import QGraph
+from quant.convert import convert, input_shape, load_model
+from quant.graph import QGraph, check_input_shape
 from quant.metrics import snr_db, top1_agreement
 
 
@@ -31,7 +31,8 @@ class PTQResult:
 
 
 def float_logits(model_path, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    proto = load_model(model_path)  # a missing or broken file is named, before onnxruntime fails on it
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)])
 
@@ -47,7 +48,10 @@ def engine_logits(graph: QGraph, x: np.ndarray, backend: str = "numba", batch_si
 
 def ptq_report(model_path, calibration: np.ndarray, evaluation: np.ndarray, bits_list=("w8a8", "w16a8"),
                backend: str = "numba", **convert_options) -> list[PTQResult]:
-    reference = float_logits(model_path, evaluation)
+    proto = load_model(model_path)
+    for what, x in (("calibration data", calibration), ("evaluation data", evaluation)):
+        check_input_shape(np.shape(x), input_shape(proto), proto.graph.input[0].name, what)
+    reference = float_logits(proto, evaluation)
     results = []
     for bits in bits_list:
         start = time.perf_counter()

@@ -44,6 +44,18 @@ def model_inputs(model: str, images: np.ndarray, resolution: int) -> np.ndarray:
     return (x.numpy() * 2.0 - 1.0).astype(np.float32)
 
 
+TRAIN_MODELS = ("mobilenetv2", "small-cnn", "audio-cnn")
+
+
+def check_model_name(model: str) -> None:
+    """Refuse, before the data loads, a model `fwdgrad train` cannot start from (e.g. a file path)."""
+    if model not in TRAIN_MODELS:
+        hint = ("; `fwdgrad train` starts from a zoo model, not a file: quantize your own ONNX with `fwdgrad "
+                "quantize`, or train it from Python (quant.convert.convert, then fwdgrad.trainer.Trainer)"
+                if model.endswith(".onnx") or "/" in model else "")
+        raise ValueError(f"unknown model {model!r}: use one of {', '.join(TRAIN_MODELS)} (`fwdgrad models`){hint}")
+
+
 def backbone(model: str, width: float = 1.0):
     """The pretrained float torch model (its ``classifier`` ends in the Linear we replace)."""
     if model == "mobilenetv2":
@@ -54,7 +66,7 @@ def backbone(model: str, width: float = 1.0):
         from .models.pretrained import AUDIO_RECIPE, pretrained_small_cnn
 
         return pretrained_small_cnn() if model == "small-cnn" else pretrained_small_cnn(AUDIO_RECIPE)
-    raise ValueError(f"unknown model {model!r}: use mobilenetv2, small-cnn or audio-cnn")
+    check_model_name(model)
 
 
 def float_features(net, x: np.ndarray, batch_size: int = 128) -> np.ndarray:
@@ -118,6 +130,7 @@ def prepare_data(cfg: TrainConfig) -> TrainData:
     """The task's train/test inputs, in the model's input format (deterministic for a config)."""
     from .data.datasets import load_dataset
 
+    check_model_name(cfg.model)
     train, test = load_dataset(cfg.dataset, "train"), load_dataset(cfg.dataset, "test")
     resolution = cfg.resolution or (96 if cfg.model == "mobilenetv2" else 28)
     train_idx = train_indices(cfg, len(train.labels))

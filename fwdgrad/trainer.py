@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from quant.graph import QGraph
+from quant.graph import QGraph, check_input_shape
 
 from .channels import Selection, selection_bytes, selection_count
 from .config import TrainConfig
@@ -55,6 +55,25 @@ class TrainData:
     x_test: np.ndarray
     y_test: np.ndarray
 
+    def __post_init__(self):
+        """Refuse data the loop would fail on mid-run, or silently mis-learn from."""
+        for split in ("train", "test"):
+            x, y = np.asarray(getattr(self, f"x_{split}")), np.asarray(getattr(self, f"y_{split}"))
+            if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or not len(x):
+                raise ValueError(f"x_{split} {x.shape} and y_{split} {y.shape} must hold samples (N, C, H, W) "
+                                 f"and one label each (N,), N > 0")
+            bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+            if bad.any():
+                raise ValueError(f"x_{split} holds NaN or inf in {int(bad.sum())} of {len(x)} samples (the first "
+                                 f"at index {int(np.argmax(bad))}): repair or drop them before training, e.g. "
+                                 f"keep = np.isfinite(x).all(axis=(1, 2, 3))")
+            if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+                raise ValueError(f"y_{split} must hold class indices (integers >= 0), got {y.dtype} "
+                                 f"from {y.min()} to {y.max()}")
+        if np.shape(self.x_train)[1:] != np.shape(self.x_test)[1:]:
+            raise ValueError(f"train samples are {np.shape(self.x_train)[1:]} but test samples "
+                             f"{np.shape(self.x_test)[1:]}: give both splits the model's input shape")
+
 
 def evaluate(graph: QGraph, weights: dict, x: np.ndarray, y: np.ndarray, backend: str, batch_size: int = 256) -> tuple[float, float]:
     """(mean loss, top-1) of the graph with ``weights`` on a data set."""
@@ -75,7 +94,12 @@ class Trainer:
         self._units = (None, {})
         self.steps_per_epoch = -(-len(data.x_train) // config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
+        check_input_shape(data.x_train.shape, graph.metadata.get("input_shape"), graph.input_name, "x_train")
         self.node_macs = list(graph.macs((1,) + data.x_train.shape[1:]).values())  # per sample
+        classes = graph.shapes((1,) + data.x_train.shape[1:])[graph.output_name][-1]
+        if (top := int(max(np.max(data.y_train), np.max(data.y_test)))) >= classes:
+            raise ValueError(f"labels go up to {top} but the model has "
+                             f"{classes} outputs: give it a head with one output per class")
 
     def step_macs(self, selection: Selection, calls: int) -> tuple[int, int]:
         """(MACs a step computes with the shared prefix, MACs of ``calls`` full passes), per sample."""
@@ -178,8 +202,8 @@ class Trainer:
         if resume:
             state, weights, momentum = self.load()
             if state["config_digest"] != cfg.digest():
-                raise ValueError(f"{self.out} holds a run of another configuration: resume it with its own "
-                                 f"config.json, or train into a new --out")
+                raise ValueError(f"{self.out} holds a run of another configuration{self.config_changes()}: "
+                                 f"resume it with its own settings (config.json), or train into a new --out")
         else:
             atomic_write_json(self.out / "config.json", cfg.to_dict())
             atomic_write_bytes(self.ckpt / "graph.pkl", pickle.dumps(graph))
@@ -211,7 +235,16 @@ class Trainer:
                 state["period"], state["selection"] = period, {k: v.tolist() for k, v in selection.items()}
                 masks = selection_masks(graph, selection, cfg.train_bias)
             batch = self.batch_indices(step)
-            loss, calls = self.step(weights, momentum, masks, selection, data.x_train[batch], data.y_train[batch], step)
+            try:  # the checkpoint on disk predates this step: it stays good whatever the step did
+                loss, calls = self.step(weights, momentum, masks, selection, data.x_train[batch],
+                                        data.y_train[batch], step)
+                if not np.isfinite(loss):
+                    raise FloatingPointError("the loss is NaN/inf: lower --lr (--bp-lr for backprop) or --eps")
+            except FloatingPointError as err:
+                kept = json.loads((self.ckpt / "state.json").read_text())["step"]
+                raise FloatingPointError(f"training diverged at step {step + 1} of {self.total_steps}: {err}; "
+                                         f"the last checkpoint (step {kept}) is kept in {self.ckpt}; train again "
+                                         f"into a new --out with the lower setting") from err
             epoch_losses.append(loss)
             state["step"] += 1
             state["forward_calls"] += calls
@@ -278,6 +311,14 @@ class Trainer:
     def learning_rate(self, step: int) -> float:
         """The update size of ``step`` for the current selection (after ``gradient`` drew it)."""
         return step_learning_rate(self.config, step, self.total_steps, self._units[1])
+
+    def config_changes(self) -> str:
+        """' (lr: the run has 0.5, now 3.0; ...)': the settings that differ from the run's config.json."""
+        path = self.out / "config.json"
+        stored = json.loads(path.read_text()) if path.exists() else {}
+        changed = [f"{k}: the run has {stored[k]!r}, now {v!r}" for k, v in self.config.to_dict().items()
+                   if k in stored and k != "backend" and stored[k] != v]
+        return f" ({'; '.join(changed)})" if changed else ""
 
     def summarize(self, state: dict, weights: dict) -> dict:
         history = state["history"]

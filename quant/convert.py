@@ -22,7 +22,7 @@ from onnx import numpy_helper
 
 from .fixedpoint import check_rounding
 from .backends import get_backend
-from .graph import QGraph
+from .graph import QGraph, check_input_shape
 from .ops.base import WeightedNode
 from .ops import ConvGeometry, PoolGeometry, QAdd, QAvgPool, QClamp, QConcat, QConv, QLinear, QMaxPool, QReshape
 from .tensor import QParams, activation_params, dequantize, quantize, weight_params
@@ -75,7 +75,9 @@ def load_model(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
         return model
     path = Path(model)
     if not path.is_file():
-        raise FileNotFoundError(f"no ONNX file at {path}")
+        problem = f"{path} is a directory, not an ONNX file" if path.is_dir() else f"no ONNX file at {path}"
+        raise FileNotFoundError(f"{problem}: pass the path of a float .onnx model (export one with "
+                                f"torch.onnx.export; `fwdgrad models` lists the packaged ones)")
     try:
         proto = onnx.load(str(path))
         onnx.checker.check_model(proto)
@@ -83,6 +85,14 @@ def load_model(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
         raise ModelFormatError(f"{path} is not a valid ONNX model ({type(err).__name__}: {err}); "
                                f"re-export it, e.g. with torch.onnx.export") from err
     return proto
+
+
+def input_shape(model: onnx.ModelProto) -> tuple[int | None, ...]:
+    """The declared shape of the model's data input; None for symbolic or unknown dims (the batch)."""
+    consts = {t.name for t in model.graph.initializer}
+    value = next((i for i in model.graph.input if i.name not in consts), None)
+    dims = value.type.tensor_type.shape.dim if value is not None else ()
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims)
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -312,6 +322,7 @@ def calibrate(model: onnx.ModelProto, tensors: list[str], data: np.ndarray, meth
             probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
+    check_input_shape(data.shape, input_shape(model), input_name, "calibration data")
     rng = np.random.default_rng(seed)
     lows = {t: np.inf for t in tensors}
     highs = {t: -np.inf for t in tensors}
@@ -444,7 +455,7 @@ def convert(model: str | Path | onnx.ModelProto, calibration_data: np.ndarray, *
         params[layer.output] = out
         nodes.append(node)
     metadata = {"calibration": calibration, "calibration_samples": int(len(calibration_data)),
-                "bias_correction": bias_correction}
+                "bias_correction": bias_correction, "input_shape": input_shape(proto)}
     graph = QGraph(nodes, input_name, params[input_name], output_name, rounding, bits, metadata)
     if bias_correction:
         correct_biases(graph, np.asarray(calibration_data, np.float32),

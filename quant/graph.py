@@ -18,6 +18,19 @@ from .ops.base import Node, WeightedNode
 from .tensor import QParams, dequantize, quantize
 
 
+def check_input_shape(shape: tuple, expected: tuple | None, input_name: str, what: str = "data") -> None:
+    """Refuse ``shape`` (N, C, H, W) if it does not fit the model's declared input (``None`` dims are free;
+    the batch always is), naming both shapes rather than failing deep inside an op."""
+    if not expected:
+        return
+    shape = tuple(int(d) for d in shape)
+    if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected[1:], shape[1:])):
+        sample = "(" + ", ".join("?" if e is None else str(e) for e in expected[1:]) + ")"
+        raise ValueError(f"{what} of shape {shape} does not fit the model's input {input_name!r} of shape "
+                         f"(N, {sample[1:]}: give samples of shape {sample} (resize them), or quantize the model "
+                         f"for this input size")
+
+
 @dataclass
 class QGraph:
     nodes: list[Node]
@@ -71,6 +84,7 @@ class QGraph:
 
     # ---- execution ---------------------------------------------------------------------------------
     def quantize_input(self, x: np.ndarray) -> np.ndarray:
+        check_input_shape(np.shape(x), self.metadata.get("input_shape"), self.input_name, "input")
         if np.issubdtype(np.asarray(x).dtype, np.integer):
             return np.asarray(x, dtype=self.input_params.dtype)
         return quantize(x, self.input_params)
@@ -120,6 +134,7 @@ class QGraph:
 
     def shapes(self, input_shape: tuple) -> dict[str, tuple]:
         """Shape of every tensor for an input shape, found by running zeros through the fast backend."""
+        check_input_shape(input_shape, self.metadata.get("input_shape"), self.input_name, "input")
         env = {self.input_name: np.full(input_shape, self.input_params.zero_point, self.input_params.dtype)}
         shapes = {self.input_name: tuple(input_shape)}
         kernels = get_backend("numba")
