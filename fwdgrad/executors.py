@@ -94,7 +94,7 @@ class LocalExecutor:
         with tqdm(total=len(jobs), desc=desc, unit="run") as bar:
             if self.workers <= 1:
                 for i, job in enumerate(jobs):
-                    results[i] = fn(*job) | {"attempts": 1}
+                    results[i] = _call(fn, job) | {"attempts": 1}
                     bar.update(1)
             else:
                 self._run_pool(fn, jobs, results, bar)
@@ -141,8 +141,19 @@ class LocalExecutor:
 
 def _child(fn: JobFn, job: Job, send) -> None:
     """A worker process: run one job and send its result (nothing is sent if the process dies)."""
-    send.send(fn(*job))
+    send.send(_call(fn, job))
     send.close()
+
+
+def _call(fn: JobFn, job: Job) -> dict:
+    """The job's result; an exception it raised instead of reporting becomes its error (never retried:
+    it would fail again)."""
+    import traceback
+
+    try:
+        return fn(*job)
+    except Exception as err:  # noqa: BLE001
+        return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
 
 
 class RayExecutor:
@@ -188,7 +199,7 @@ class RayExecutor:
         return True
 
     def _run(self, ray, fn, jobs, desc) -> list[dict]:
-        from ray.exceptions import RayError
+        from ray.exceptions import RayError, RayTaskError
 
         ship = bool(self.address)  # a remote node's files are not on this disk: the task sends them back
         log = _attempt_log(ray)
@@ -205,6 +216,8 @@ class RayExecutor:
                     result = ray.get(done[0])
                     _write_files(jobs[i][1], result.pop("files", {}))
                     results[i] = result | {"attempts": attempts}
+                except RayTaskError as err:  # the job raised instead of reporting: not retried, reported
+                    results[i] = {"error": f"{type(err.cause).__name__}: {err.cause}", "attempts": attempts}
                 except RayError as err:  # the worker or its node died more than ``retries`` times
                     results[i] = _died(max(attempts, self.retries + 1), f"{type(err).__name__}: {str(err)[:300]}")
                 bar.update(1)
@@ -264,7 +277,7 @@ def _ray_job(fn: JobFn, job: Job, log, key: int, ship: bool) -> dict:
     import ray
 
     ray.get(log.begin.remote(key))
-    result = fn(*job)
+    result = _call(fn, job)
     if ship:
         result["files"] = _read_files(job[1])
     return result

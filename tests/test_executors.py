@@ -41,6 +41,8 @@ def flaky_job(settings: dict, out: str) -> dict:
         os._exit(4)
     if settings.get("raise"):
         return {"error": "ValueError: reported by the job itself"}
+    if settings.get("raise_exception"):
+        raise KeyError("not reported by the job")
     return {"summary": {"x": 2 * settings["x"]}}
 
 
@@ -79,7 +81,8 @@ def task_file(residual_net, tmp_path):
 
 
 def jobs(tmp_path, name):
-    settings = [{"x": 0}, {"x": 1, "die_once": True}, {"x": 2, "raise": True}, {"x": 3, "always_die": True}]
+    settings = [{"x": 0}, {"x": 1, "die_once": True}, {"x": 2, "raise": True}, {"x": 3, "always_die": True},
+                {"x": 4, "raise_exception": True}]
     return [(s, str(tmp_path / name / f"job{i}")) for i, s in enumerate(settings)]
 
 
@@ -91,6 +94,7 @@ def test_local_and_ray_agree_and_retry_dead_workers(tmp_path):
         assert results[1] == {"summary": {"x": 2}, "attempts": 2}  # died once, retried, finished
         assert results[2] == {"error": "ValueError: reported by the job itself", "attempts": 1}  # not retried
         assert results[3]["attempts"] == 2 and results[3]["error"].startswith("WorkerDied")  # reported, not dropped
+        assert results[4]["attempts"] == 1 and results[4]["error"] == "KeyError: 'not reported by the job'"
     import ray
 
     assert not ray.is_initialized()  # the executor shut down the Ray instance it started
