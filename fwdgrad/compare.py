@@ -99,8 +99,10 @@ def finished_summary(settings: dict, out: str | Path) -> dict | None:
     if not summary_path.exists():
         return None
     summary = json.loads(summary_path.read_text())
-    if TrainConfig.from_dict(summary["config"]).digest() != TrainConfig.from_dict(settings).digest():
-        raise ValueError(f"{out} holds a run of another configuration: delete it or use another compare --out")
+    wanted = TrainConfig.from_dict(settings)
+    if TrainConfig.from_dict(summary["config"]).digest() != wanted.digest():
+        raise ValueError(f"{out} holds a run of another configuration{wanted.changes_from(summary['config'])}: "
+                         f"delete it or use another compare --out")
     return summary
 
 

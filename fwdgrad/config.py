@@ -116,6 +116,15 @@ class TrainConfig:
         identity = {k: v for k, v in self.to_dict().items() if k not in ("backend",)}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
+    def changes_from(self, stored: dict) -> str:
+        """' (lr: the run has 0.5, now 3.0; ...)': how a run directory's settings differ from these, for errors.
+
+        ``stored`` is the run's config.json; settings it predates count at their defaults, as in its digest."""
+        theirs = TrainConfig.from_dict(stored).to_dict()
+        changed = [f"{k}: the run has {theirs[k]!r}, now {v!r}" for k, v in self.to_dict().items()
+                   if k != "backend" and theirs[k] != v]
+        return f" ({'; '.join(changed)})" if changed else ""
+
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}

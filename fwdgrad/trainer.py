@@ -202,7 +202,8 @@ class Trainer:
         if resume:
             state, weights, momentum = self.load()
             if state["config_digest"] != cfg.digest():
-                raise ValueError(f"{self.out} holds a run of another configuration{self.config_changes()}: "
+                stored = json.loads((self.out / "config.json").read_text())
+                raise ValueError(f"{self.out} holds a run of another configuration{cfg.changes_from(stored)}: "
                                  f"resume it with its own settings (config.json), or train into a new --out")
         else:
             atomic_write_json(self.out / "config.json", cfg.to_dict())
@@ -311,14 +312,6 @@ class Trainer:
     def learning_rate(self, step: int) -> float:
         """The update size of ``step`` for the current selection (after ``gradient`` drew it)."""
         return step_learning_rate(self.config, step, self.total_steps, self._units[1])
-
-    def config_changes(self) -> str:
-        """' (lr: the run has 0.5, now 3.0; ...)': the settings that differ from the run's config.json."""
-        path = self.out / "config.json"
-        stored = json.loads(path.read_text()) if path.exists() else {}
-        changed = [f"{k}: the run has {stored[k]!r}, now {v!r}" for k, v in self.config.to_dict().items()
-                   if k in stored and k != "backend" and stored[k] != v]
-        return f" ({'; '.join(changed)})" if changed else ""
 
     def summarize(self, state: dict, weights: dict) -> dict:
         history = state["history"]

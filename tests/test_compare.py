@@ -106,3 +106,20 @@ def test_failed_runs_are_reported_not_dropped(tmp_path):
     assert len(results) == 2 and all("no-such-data" in r["error"] for r in results)
     report = write_report(results, tmp_path / "out").read_text()
     assert "## Failed runs" in report and report.count("no-such-data") == 2
+
+
+def test_a_finished_run_of_other_settings_is_refused_naming_them(tmp_path):
+    """A grid whose settings changed since a run finished must not reuse it, and must say what changed;
+    settings the stored run predates count at their defaults (lr_scale here)."""
+    from fwdgrad.compare import finished_summary
+    from fwdgrad.config import TrainConfig
+
+    old = TrainConfig(lr=0.003).to_dict()
+    del old["lr_scale"]
+    (tmp_path / "summary.json").write_text(json.dumps({"config": old, "final_top1": 0.5}))
+    assert finished_summary(TrainConfig(lr=0.003).to_dict(), tmp_path)["final_top1"] == 0.5
+    with pytest.raises(ValueError) as err:
+        finished_summary(TrainConfig(lr=3.0, lr_scale="dimension").to_dict(), tmp_path)
+    message = str(err.value)
+    assert "lr: the run has 0.003, now 3.0" in message and "lr_scale: the run has 'none', now 'dimension'" in message
+    assert "another compare --out" in message
