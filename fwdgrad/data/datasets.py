@@ -28,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..filelock import exclusive
 from .base import Dataset, cache_dir
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -263,8 +264,11 @@ def load_dataset(name: str, split: str) -> Dataset:
     path = _cache_path(name)
     cached = _read_cache(path) if path.exists() else None
     if cached is None:
-        _write_cache(path, DATASETS[name].build())
-        cached = _read_cache(path)
+        with exclusive(path):  # parallel runs: one builds (e.g. synthesizes the keywords), the others wait
+            cached = _read_cache(path) if path.exists() else None
+            if cached is None:
+                _write_cache(path, DATASETS[name].build())
+                cached = _read_cache(path)
     images = cached[f"{split}_images"]
     if images.dtype == np.uint8:
         images = images.astype(np.float32) / np.float32(255)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.base import cache_dir
+from ..filelock import exclusive
 
 
 @dataclass(frozen=True)
@@ -108,14 +109,15 @@ def pretrained_small_cnn(recipe: Recipe = Recipe()):
     from .small_cnn import SmallCNN
 
     path = weights_path(recipe)
-    if not path.exists():
-        net, report = train_small_cnn(recipe)
-        buffer = io.BytesIO()
-        torch.save(net.state_dict(), buffer)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(buffer.getvalue())
-        os.replace(tmp, path)
-        path.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    with exclusive(path):  # parallel runs on a fresh machine: one trains, the others wait for its file
+        if not path.exists():
+            net, report = train_small_cnn(recipe)
+            buffer = io.BytesIO()
+            torch.save(net.state_dict(), buffer)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp.write_bytes(buffer.getvalue())
+            os.replace(tmp, path)
+            path.with_suffix(".json").write_text(json.dumps(report, indent=2))
     state = torch.load(path, weights_only=True)
     net = SmallCNN(state["features.0.0.weight"].shape[1], state["classifier.weight"].shape[0], recipe.width)
     net.load_state_dict(state)

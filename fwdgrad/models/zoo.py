@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from ..filelock import exclusive
 from . import onnx_export
 from .mobilenetv2 import load_imagenet_mobilenetv2
 from .small_cnn import SmallCNN
@@ -110,6 +111,7 @@ def model_onnx(name: str, *, width: float = 1.0, resolution: int | None = None, 
     model = _spec(name).build(width)
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = directory / f"{name}-w{width:g}-r{shape[-1]}-{_digest(model)}.onnx"
-    if not path.exists():
-        onnx_export.export_onnx(model, shape, path)
+    with exclusive(path):
+        if not path.exists():
+            onnx_export.export_onnx(model, shape, path)
     return path
