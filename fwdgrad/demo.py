@@ -22,7 +22,7 @@ TASK = dict(model="small-cnn", dataset="mnist", bits="w16a8", selection="trady",
             probe_samples=100, batch_size=8, seed=0)
 ZO = dict(method="zo", loss="integer", m=4, space="real", eps=0.01, lr=3.0, lr_scale="dimension",
           schedule="cosine")
-BP = dict(method="bp", device="host", bp_lr=0.05, batch_size=16, schedule="cosine")  # a reference run on the host: backprop does not fit the MCU
+BP = dict(method="bp", device="host", bp_lr=0.02, batch_size=16, schedule="cosine")  # a reference run on the host: backprop does not fit the MCU
 
 
 def demo_runs(epochs: int, bp_epochs: int, samples: int) -> list[RunSpec]:

@@ -8,6 +8,7 @@ run ends on. Checkpoints are written atomically (temp file + rename; the state f
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -172,13 +173,17 @@ class Trainer:
         return ChannelSampler(self.graph, cfg.selection, cfg.budget_bytes, cfg.seed, preselected, rgn, cfg.train_bias)
 
     def layer_rgn(self) -> dict[str, np.ndarray]:
-        """Channel RGN, computed once per architecture and bit width (TraDy ranks layers per architecture)
-        and kept in the cache; copied into OUT/rgn.json with the run. From the PyTorch float twin, or from
-        forward-only estimates where torch is not installed."""
-        path = rgn_cache_dir() / f"{architecture_digest(self.graph)}.json"
+        """Channel RGN of this model on this task's first ``rgn_samples`` training samples, kept in the cache
+        and copied into OUT/rgn.json with the run. From the PyTorch float twin, or from forward-only estimates
+        where torch is not installed. The cache key is everything the numbers depend on (architecture,
+        weights, samples): keyed by architecture alone, the layers a run trains would depend on which task
+        happened to fill the cache first, and two machines would train different channels from one seed."""
+        n = min(self.config.rgn_samples, len(self.data.x_train))
+        x, y = self.data.x_train[:n], self.data.y_train[:n]
+        key = hashlib.sha256("|".join([architecture_digest(self.graph), weights_digest(self.initial_weights()),
+                                       hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()]).encode())
+        path = rgn_cache_dir() / f"{key.hexdigest()[:16]}.json"
         if not path.exists():
-            n = min(self.config.rgn_samples, len(self.data.x_train))
-            x, y = self.data.x_train[:n], self.data.y_train[:n]
             try:
                 import torch  # noqa: F401  (the twin needs it)
                 rgn, source = channel_rgn(self.graph, x, y), "pytorch-twin"
@@ -347,8 +352,6 @@ def rgn_cache_dir() -> Path:
 
 def architecture_digest(graph: QGraph) -> str:
     """Identity of an architecture at a bit width: node types, names and weight shapes (not values)."""
-    import hashlib
-
     parts = [graph.bits] + [f"{n.op_type}:{n.name}:{getattr(n, 'weight', np.empty(0)).shape}" for n in graph.nodes]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
@@ -360,8 +363,6 @@ def integer_loss(logits_int, params, labels) -> float:
 
 def weights_digest(weights: dict) -> str:
     """A fingerprint of the integers, to compare runs (resume, backends) bit for bit."""
-    import hashlib
-
     digest = hashlib.sha256()
     for key in sorted(weights):
         digest.update(key.encode())

@@ -157,3 +157,19 @@ def test_dimension_scaled_lr_is_the_plain_lr_divided_by_the_perturbed_weights(ta
     plain = train(task, tmp_path / "plain", selection="last-layer", epochs=1, lr=0.5)
     scaled = train(task, tmp_path / "scaled", selection="last-layer", epochs=1, lr=0.5 * d, lr_scale="dimension")
     assert plain["weights_sha256"] == scaled["weights_sha256"]
+
+
+def test_layer_ranking_depends_on_the_task_not_on_what_filled_the_cache(task, tmp_path):
+    """The cached RGN belongs to one model and its samples: another task on the same architecture computes
+    its own (else which layers train would depend on the order runs happened in), the same task reuses it."""
+    graph, data = task
+    train(task, tmp_path / "a", epochs=1)
+    cached = sorted((tmp_path / "cache" / "rgn").iterdir())
+    assert len(cached) == 1
+    train(task, tmp_path / "b", epochs=1, seed=1)
+    assert sorted((tmp_path / "cache" / "rgn").iterdir()) == cached
+    other = TrainData(data.x_train[::-1].copy(), data.y_train[::-1].copy(), data.x_test, data.y_test)
+    Trainer(graph, other, TrainConfig(**(SMALL | dict(epochs=1))), tmp_path / "c").run()
+    assert len(list((tmp_path / "cache" / "rgn").iterdir())) == 2
+    first, second = (json.loads((tmp_path / run / "rgn.json").read_text())["rgn"] for run in ("a", "c"))
+    assert first != second
