@@ -25,6 +25,8 @@ from fwdgrad.models.mobilenetv2 import load_imagenet_mobilenetv2
 from fwdgrad.models.zoo import model_onnx
 from quant.convert import convert
 
+from doc_sections import write_section
+
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench_engine:begin -->", "<!-- bench_engine:end -->"
 
@@ -98,12 +100,8 @@ def render(rows: list[dict]) -> str:
 
 
 def write_doc(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nEvery figure is a ratio against a peer measured in the same run.\n"
-    if BEGIN in text:
-        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    DOC.write_text(text)
+    write_section(DOC, section, BEGIN, END,
+                  new_page="# Benchmarks\n\nEvery figure is a ratio against a peer measured in the same run.\n")
 
 
 def main() -> None:

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from doc_sections import write_section
+
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench_train:begin -->", "<!-- bench_train:end -->"
@@ -153,11 +155,8 @@ def write(rows: list[dict], memory: dict) -> None:
                   f"**{memory['zo'] / memory['forward']:.2f}x**, backprop / inference "
                   f"**{memory['bp'] / memory['forward']:.2f}x**, backprop / ZO {memory['bp'] / memory['zo']:.2f}x."]
     lines += ["", "![training step ratios](bench_train.png)", END]
-    text = DOC.read_text()
     section = "\n".join(lines)
-    text = (text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):] if BEGIN in text
-            else text.rstrip() + "\n\n" + section + "\n")
-    DOC.write_text(text)
+    write_section(DOC, section, BEGIN, END)
     plot(rows)
     print(section)
 
@@ -177,7 +176,7 @@ def plot(rows: list[dict]) -> None:
                      label=f"last layer, batch {batch}")
         axes[1].plot(widths, [r["zo_all_s"] / r["torch_bp_s"] for r in part], marker="o", label=f"batch {batch}")
     axes[0].axhline(8, color="grey", linewidth=0.8)
-    axes[0].set_title("ZO step / one forward (limit 2m = 8)")
+    axes[0].set_title("ZO step / one forward (a step makes 2m = 8 calls)")
     axes[1].set_title("our ZO step / PyTorch backprop step")
     for axis in axes:
         axis.set_xlabel("CNN width")

@@ -20,6 +20,8 @@ from fwdgrad.data.photos import real_photos
 from fwdgrad.models.zoo import model_onnx
 from quant.convert import convert
 
+from doc_sections import write_section
+
 DOC = Path(__file__).resolve().parent.parent / "docs" / "devices.md"
 BEGIN, END = "<!-- measure_memory:begin -->", "<!-- measure_memory:end -->"
 
@@ -52,11 +54,8 @@ def main() -> None:
         lines.append(f"| {width} | {resolution} | {arena / 1024:.0f} | {bound / 1024:.0f} | {measured / 1024:.0f} | "
                      f"{arena / measured:.2f} | {traced_forward_peak(graph, x) / 1024:,.0f} |")
     lines.append(END)
-    text = DOC.read_text()
     section = "\n".join(lines)
-    text = (text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):] if BEGIN in text
-            else text.rstrip() + "\n\n" + section + "\n")
-    DOC.write_text(text)
+    write_section(DOC, section, BEGIN, END)
     print(section)
 
 

@@ -14,6 +14,8 @@ from fwdgrad.data.photos import real_photos
 from fwdgrad.models.zoo import model_onnx
 from quant.convert import convert
 
+from doc_sections import write_section
+
 ROOT = Path(__file__).resolve().parent.parent
 CASES = [(1.0, 96), (1.0, 160), (0.5, 96), (0.35, 128)]
 BUDGET = 64 * 1024
@@ -69,9 +71,7 @@ def main() -> None:
     doc = ROOT / "docs" / "devices.md"
     begin, end = "<!-- plan_devices:begin -->", "<!-- plan_devices:end -->"
     section = "\n".join([begin] + lines + [end])
-    text = doc.read_text() if doc.exists() else ""
-    doc.write_text(text[:text.index(begin)] + section + text[text.index(end) + len(end):] if begin in text
-                   else section + "\n" + text)
+    write_section(doc, section, begin, end)
     plot(host)
     print("\n".join(lines))
 

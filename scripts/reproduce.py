@@ -12,6 +12,8 @@ from pathlib import Path
 
 from fwdgrad.compare import compare
 
+from doc_sections import replace_between
+
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = ROOT / "experiments"
 DOCS = ROOT / "docs"
@@ -68,10 +70,7 @@ def main() -> None:
 def replace_section(text: str, name: str, body: str) -> str:
     """Swap one grid's section (between its markers) in place, or append it: other grids' sections stay."""
     begin, end = f"<!-- grid:{name} -->", f"<!-- /grid:{name} -->"
-    block = f"{begin}\n{body}\n{end}"
-    if begin in text:
-        return text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-    return text.rstrip() + "\n\n" + block + "\n"
+    return replace_between(text, begin, end, f"{begin}\n{body}\n{end}")
 
 
 if __name__ == "__main__":
