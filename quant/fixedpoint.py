@@ -174,21 +174,25 @@ def _requantize_kernel(acc3, offset, f32, mantissa, shift, zero_point, qmin, qma
             out3[b, c, s] = requantize_scalar(a, m, mant, sh, half, zero_point, qmin, qmax, lo, hi, half_even)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def requantize_float_scalar(a, offset, m, zero_point, lo, hi):
+    """``half_even`` for an exact integer ``a`` held in a float, without leaving floating point: ``a + offset``
+    (``offset`` a float64) is exact in float64 (below 2**53) and rounds to float32 once, as onnxruntime's
+    int32 -> float32 conversion does; branch-free so loops over it vectorize."""
+    v = np.float32(np.float64(a) + offset) * m
+    v = lo if v < lo else (hi if v > hi else v)
+    return np.int32(np.rint(v)) + zero_point
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _requantize_float_kernel(acc3, offset, f32, zero_point, lo, hi, out3):
-    """``half_even`` on exact integers held in floats, without leaving floating point: the sum
-    ``acc + offset`` is exact in float64 (below 2**53) and rounds to float32 once, as onnxruntime's
-    int32 -> float32 conversion does; branch-free so the inner loop vectorizes."""
     n_batch, n_chan, n_space = acc3.shape
     per_channel = f32.shape[0] > 1
     for bc in numba.prange(n_batch * n_chan):
         b, c = bc // n_chan, bc % n_chan
-        m = f32[c if per_channel else 0]
-        off = np.float64(offset[c])
+        m, off = f32[c if per_channel else 0], np.float64(offset[c])
         for s in range(n_space):
-            v = np.float32(np.float64(acc3[b, c, s]) + off) * m
-            v = lo if v < lo else (hi if v > hi else v)
-            out3[b, c, s] = np.int32(np.rint(v)) + zero_point
+            out3[b, c, s] = requantize_float_scalar(acc3[b, c, s], off, m, zero_point, lo, hi)
 
 
 def requantize_numba(acc: np.ndarray, rq: Requant, zero_point: int, qmin: int, qmax: int, mode: str,

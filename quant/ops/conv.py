@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from ..fixedpoint import OutputSpec, Requant, requantize_scalar
+from ..fixedpoint import OutputSpec, Requant, requantize_float_scalar, requantize_scalar
 from .base import WeightedNode
 from .exact_gemm import FLOAT32_EXACT, exact_matmul, largest_magnitude
 
@@ -66,45 +66,81 @@ def conv_reference(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray, ge
     return acc if out is None else out.apply(acc)
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
-def _depthwise_kernel(xp, w, offset, sh, sw, dh, dw, f32, mantissa, shift, zero_point, qmin, qmax,
-                      half_even, requantize_out, out):
-    """Depthwise conv over an input already padded with its zero point, one (image, channel) plane per task.
+@numba.njit(cache=True, nogil=True, inline="always")
+def _at(i):
+    """An index numba need not wrap around: unsigned, so loops indexing ``base + i`` vectorize."""
+    return np.uintp(i)
 
-    ``xp`` and ``w`` hold the integers in a float type in which sums of kh*kw products are exact (see
-    exact_gemm), because float multiply-adds vectorize and numba's int8 ones (promoted to int64) do not.
-    Then adds ``offset`` (bias - x_zp * sum w) and, if asked, requantizes in the same pass.
+
+@numba.njit(cache=True, nogil=True)
+def _pad_plane(plane, x_zp, pt, pl, sh, wp, xp):
+    """``xp[p, r * wp + k]`` = padded input at row ``r * sh + p``, column ``k``; ``x_zp`` (real zero) outside.
+
+    Rows are split by phase ``p = row % sh`` so that, for any vertical stride, the rows one kernel row reads
+    for consecutive outputs are consecutive in memory (see :func:`_depthwise_kernel`).
     """
-    n_batch, n_chan = xp.shape[0], xp.shape[1]
+    h, wd = plane.shape
+    hq = xp.shape[1] // wp
+    xp[:] = x_zp
+    for p in range(sh):
+        dst = xp[p]
+        for r in range(max(0, (pt - p + sh - 1) // sh), hq):  # from the first phase row inside the input
+            y = r * sh + p - pt
+            if y >= h:
+                break
+            base = r * wp + pl
+            for k in range(wd):  # contiguous int -> float copy: vectorizes
+                dst[_at(base + k)] = plane[y, k]
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _depthwise_kernel(x, x_zp, w, offset, sh, sw, pt, pl, dh, dw, f32, mantissa, shift, zero_point, qmin, qmax,
+                      half_even, requantize_out, n_tasks, out):
+    """Depthwise conv, one (image, channel) plane at a time, each of ``n_tasks`` tasks reusing its buffers.
+
+    A plane is padded into a float buffer (``w``'s type, in which sums of kh*kw products are exact, see
+    exact_gemm) of row pitch ``wp``. Each tap then adds ``w[i, j] * plane`` shifted by the tap's offset over
+    the whole plane in one contiguous loop, output rows laid out at pitch ``wp`` too (the columns past the
+    output width and, for a horizontal stride, the skipped ones are computed and dropped): long contiguous
+    float multiply-adds vectorize, and numba's int8 ones (promoted to int64) do not.
+    Then adds ``offset`` (bias - x_zp * sum w) and, if asked, requantizes.
+    """
+    n_batch, n_chan = x.shape[0], x.shape[1]
     kh, kw = w.shape[1], w.shape[2]
     ho, wo = out.shape[2], out.shape[3]
+    hq = ho + ((kh - 1) * dh) // sh
+    wp = max(pl + x.shape[3], (wo - 1) * sw + (kw - 1) * dw + 1)
+    span = (ho - 1) * wp + (wo - 1) * sw + 1
     per_channel = f32.shape[0] > 1
-    lo = np.float32(qmin - zero_point)
-    hi = np.float32(qmax - zero_point)
-    for bc in numba.prange(n_batch * n_chan):
-        b, c = bc // n_chan, bc % n_chan
-        acc = np.zeros((ho, wo), dtype=xp.dtype)
-        for oy in range(ho):
+    lo, hi = np.float32(qmin - zero_point), np.float32(qmax - zero_point)
+    planes = n_batch * n_chan
+    for t in numba.prange(n_tasks):
+        xp = np.empty((sh, hq * wp), dtype=w.dtype)
+        acc = np.empty(span, dtype=w.dtype)
+        for bc in range(t * planes // n_tasks, (t + 1) * planes // n_tasks):
+            b, c = bc // n_chan, bc % n_chan
+            _pad_plane(x[b, c], x_zp, pt, pl, sh, wp, xp)
+            acc[:] = 0
             for i in range(kh):
-                row = xp[b, c, oy * sh + i * dh]
+                taps = xp[(i * dh) % sh]
                 for j in range(kw):
-                    wij = w[c, i, j]
-                    if sw == 1:  # contiguous taps: this loop vectorizes
-                        taps = row[j * dw:j * dw + wo]
-                        for ox in range(wo):
-                            acc[oy, ox] += taps[ox] * wij
+                    wij, start = w[c, i, j], ((i * dh) // sh) * wp + j * dw
+                    for q in range(span):
+                        acc[q] += taps[_at(start + q)] * wij
+            k = c if per_channel else 0
+            m, mant, shf, off = f32[k], mantissa[k], shift[k], offset[c]
+            half, off64 = np.int64(1) << (shf - 1), np.float64(off)
+            dst = out[b, c]
+            for oy in range(ho):
+                for ox in range(wo):
+                    a = acc[_at(oy * wp + ox * sw)]
+                    if not requantize_out:
+                        dst[oy, ox] = np.int64(a) + off
+                    elif half_even:
+                        dst[oy, ox] = requantize_float_scalar(a, off64, m, zero_point, lo, hi)
                     else:
-                        for ox in range(wo):
-                            acc[oy, ox] += row[ox * sw + j * dw] * wij
-        k = c if per_channel else 0
-        m, mant, shf, off = f32[k], mantissa[k], shift[k], offset[c]
-        half = np.int64(1) << (shf - 1)
-        for oy in range(ho):
-            for ox in range(wo):
-                a = np.int64(acc[oy, ox]) + off
-                if requantize_out:
-                    a = requantize_scalar(a, m, mant, shf, half, zero_point, qmin, qmax, lo, hi, half_even)
-                out[b, c, oy, ox] = a
+                        dst[oy, ox] = requantize_scalar(np.int64(a) + off, m, mant, shf, half, zero_point,
+                                                        qmin, qmax, lo, hi, False)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -128,17 +164,16 @@ _NO_REQUANT = Requant(np.ones(1, np.float32), np.ones(1, np.int64), np.ones(1, n
 
 
 def _depthwise(x, x_zp, w, offset, geometry, ho, wo, out):
-    (sh, sw), (dh, dw), (pt, pl, pb, pr) = geometry.stride, geometry.dilation, geometry.pads
+    (sh, sw), (dh, dw), (pt, pl, _, _) = geometry.stride, geometry.dilation, geometry.pads
     taps = w.shape[2] * w.shape[3]
     exact = np.float32 if taps * largest_magnitude(x.dtype) * largest_magnitude(w.dtype) < FLOAT32_EXACT else np.float64
-    xp = np.full(x.shape[:2] + (x.shape[2] + pt + pb, x.shape[3] + pl + pr), x_zp, dtype=exact)
-    xp[:, :, pt:pt + x.shape[2], pl:pl + x.shape[3]] = x
     spec = out or OutputSpec(_NO_REQUANT, 0, 0, 0, "half_even", np.int64)
     result = np.empty((x.shape[0], w.shape[0], ho, wo), dtype=spec.dtype)
     rq = spec.requant
-    _depthwise_kernel(xp, np.ascontiguousarray(w[:, 0], dtype=exact), offset, sh, sw, dh, dw, rq.float32,
-                      rq.mantissa, rq.shift, int(spec.zero_point), int(spec.qmin), int(spec.qmax),
-                      spec.mode == "half_even", out is not None, result)
+    n_tasks = min(x.shape[0] * w.shape[0], 8 * numba.get_num_threads())
+    _depthwise_kernel(x, x_zp, np.ascontiguousarray(w[:, 0], dtype=exact), offset, sh, sw, pt, pl, dh, dw,
+                      rq.float32, rq.mantissa, rq.shift, int(spec.zero_point), int(spec.qmin), int(spec.qmax),
+                      spec.mode == "half_even", out is not None, n_tasks, result)
     return result
 
 
