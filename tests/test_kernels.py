@@ -81,6 +81,23 @@ def test_linear(n, k, o, xbits, wbits, seed):
     assert np.array_equal(FAST.linear(x, zp, w, bias, spec), REF.linear(x, zp, w, bias, spec))
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 4), st.sampled_from([1, 5, 40, 1100]), st.integers(1, 70), st.integers(1, 5),
+       st.sampled_from([8, 16]), st.sampled_from([8, 16]), SEEDS)
+def test_pointwise_conv_tiles(n, k, space, o, xbits, wbits, seed):
+    """The fused tiled GEMM of 1x1 convs: tiles cross image boundaries, K beyond float32's exact chunk."""
+    rng = np.random.default_rng(seed)
+    x, w = ints(rng, (n, k, space, 1), xbits), ints(rng, (o, k, 1, 1), wbits, narrow=True)
+    if rng.random() < 0.2:  # extremes maximise every partial sum
+        x[:], w[:] = np.iinfo(x.dtype).min, np.iinfo(w.dtype).max
+    zp = int(rng.integers(-128, 128)) if xbits == 8 else 0
+    bias = rng.integers(-(1 << 20), 1 << 20, o)
+    geometry = ConvGeometry()
+    assert np.array_equal(FAST.conv(x, zp, w, bias, geometry), REF.conv(x, zp, w, bias, geometry))
+    spec = random_output_spec(rng, o, xbits > 8 or wbits > 8)
+    assert np.array_equal(FAST.conv(x, zp, w, bias, geometry, spec), REF.conv(x, zp, w, bias, geometry, spec))
+
+
 @settings(max_examples=80, deadline=None)
 @given(st.sampled_from([8, 16]), MODES, SEEDS, st.booleans())
 def test_add(bits, mode, seed, relu):

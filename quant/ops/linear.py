@@ -11,7 +11,7 @@ import numpy as np
 
 from .base import WeightedNode
 from ..fixedpoint import OutputSpec
-from .exact_gemm import exact_matmul
+from .exact_gemm import gemm_requant
 
 
 def check_linear_shapes(x: np.ndarray, w: np.ndarray) -> None:
@@ -31,9 +31,8 @@ def linear_numba(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray,
                  out: OutputSpec | None = None) -> np.ndarray:
     """Same integers as :func:`linear_reference`, via exact float BLAS on the raw integers."""
     check_linear_shapes(x, w)
-    acc = exact_matmul(x, w.T, x.dtype, w.dtype)
     offset = bias.astype(np.int64) - int(x_zp) * w.astype(np.int64).sum(axis=1)
-    return acc.astype(np.int64) + offset if out is None else out.apply_numba(acc, offset)
+    return gemm_requant(x.reshape(x.shape[0], x.shape[1], 1), x.dtype, w, offset, out)[:, :, 0]
 
 
 @dataclass
