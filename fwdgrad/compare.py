@@ -243,7 +243,8 @@ def _pyplot():
 
 
 def _save(figure, axis, path: Path) -> None:
-    axis.legend(fontsize=7)
+    if axis.get_legend_handles_labels()[0]:  # a grid whose runs all failed plots nothing to label
+        axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     _pyplot().close(figure)
