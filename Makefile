@@ -23,8 +23,10 @@ demo: $(STAMP) data
 test: $(STAMP) data
 	$(PY) -m pytest -n 2 -q
 
-bench: $(STAMP)
+bench: $(STAMP) data
 	$(PY) scripts/bench_engine.py
+	$(PY) scripts/bench_train.py
+	$(PY) scripts/measure_ptq.py
 
 clean-venv:
 	rm -rf $(VENV)
