@@ -158,9 +158,9 @@ def gemm_requant(x3: np.ndarray, x_dtype, w: np.ndarray, offset: np.ndarray, out
     o = w.shape[0]
     dtype, chunk = exact_float_chunks(k, x_dtype, w.dtype)
     n_chunks = -(-k // chunk)
-    w3 = np.zeros((o, n_chunks * chunk), dtype)
-    w3[:, :k] = w
-    w3 = np.ascontiguousarray(w3.reshape(o, n_chunks, chunk).transpose(1, 0, 2))
+    w3 = np.zeros((n_chunks, o, chunk), dtype)  # chunk-major, zero-padded past k: one float copy of w
+    for c in range(n_chunks):
+        w3[c, :, :min(chunk, k - c * chunk)] = w[:, c * chunk:(c + 1) * chunk]
     spec = out or OutputSpec(Requant(np.ones(1, np.float32), np.ones(1, np.int64), np.ones(1, np.int64)), 0, 0, 0,
                              "half_even", np.int64)
     result = np.empty((n, o, s), dtype=spec.dtype)
