@@ -184,6 +184,18 @@ def requantize_float_scalar(a, offset, m, zero_point, lo, hi):
     return np.int32(np.rint(v)) + zero_point
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def store_accumulator(a, off, off64, m, mant, shf, half, zero_point, qmin, qmax, lo, hi, half_even, requantize_out):
+    """One output of a fused kernel: the exact accumulator ``a`` (held in a float) plus its channel's
+    ``offset`` (``off``, and ``off64`` as float64), requantized in the layer's rounding mode, or the int64
+    sum when the caller asked for accumulators (``requantize_out`` False)."""
+    if not requantize_out:
+        return np.int64(a) + off
+    if half_even:
+        return requantize_float_scalar(a, off64, m, zero_point, lo, hi)
+    return requantize_scalar(np.int64(a) + off, m, mant, shf, half, zero_point, qmin, qmax, lo, hi, False)
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _requantize_float_kernel(acc3, offset, f32, zero_point, lo, hi, out3):
     n_batch, n_chan, n_space = acc3.shape
@@ -210,3 +222,9 @@ def requantize_numba(acc: np.ndarray, rq: Requant, zero_point: int, qmin: int, q
         _requantize_kernel(acc3, offset.astype(np.int64), rq.float32, rq.mantissa, rq.shift, int(zero_point),
                            int(qmin), int(qmax), mode == "half_even", out)
     return out.reshape(acc.shape)
+
+
+# What fused kernels receive when the caller wants int64 accumulators, not requantized outputs: their
+# signature needs a spec, and ``requantize_out=False`` keeps them from using it.
+ACCUMULATOR_SPEC = OutputSpec(Requant(np.ones(1, np.float32), np.ones(1, np.int64), np.ones(1, np.int64)), 0, 0, 0,
+                              "half_even", np.int64)

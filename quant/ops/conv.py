@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from ..fixedpoint import OutputSpec, Requant, requantize_float_scalar, requantize_scalar
+from ..fixedpoint import ACCUMULATOR_SPEC, OutputSpec, store_accumulator
 from .base import WeightedNode
 from .exact_gemm import FLOAT32_EXACT, exact_matmul, gemm_requant, largest_magnitude
 
@@ -133,14 +133,8 @@ def _depthwise_kernel(x, x_zp, w, offset, sh, sw, pt, pl, dh, dw, f32, mantissa,
             dst = out[b, c]
             for oy in range(ho):
                 for ox in range(wo):
-                    a = acc[_at(oy * wp + ox * sw)]
-                    if not requantize_out:
-                        dst[oy, ox] = np.int64(a) + off
-                    elif half_even:
-                        dst[oy, ox] = requantize_float_scalar(a, off64, m, zero_point, lo, hi)
-                    else:
-                        dst[oy, ox] = requantize_scalar(np.int64(a) + off, m, mant, shf, half, zero_point,
-                                                        qmin, qmax, lo, hi, False)
+                    dst[oy, ox] = store_accumulator(acc[_at(oy * wp + ox * sw)], off, off64, m, mant, shf, half,
+                                                    zero_point, qmin, qmax, lo, hi, half_even, requantize_out)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -160,14 +154,11 @@ def _im2col_kernel(x, x_zp, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo, cols):
                         cols[b, row, oy * wo + ox] = x[b, c, iy, ix] if inside else x_zp
 
 
-_NO_REQUANT = Requant(np.ones(1, np.float32), np.ones(1, np.int64), np.ones(1, np.int64))
-
-
 def _depthwise(x, x_zp, w, offset, geometry, ho, wo, out):
     (sh, sw), (dh, dw), (pt, pl, _, _) = geometry.stride, geometry.dilation, geometry.pads
     taps = w.shape[2] * w.shape[3]
     exact = np.float32 if taps * largest_magnitude(x.dtype) * largest_magnitude(w.dtype) < FLOAT32_EXACT else np.float64
-    spec = out or OutputSpec(_NO_REQUANT, 0, 0, 0, "half_even", np.int64)
+    spec = out or ACCUMULATOR_SPEC
     result = np.empty((x.shape[0], w.shape[0], ho, wo), dtype=spec.dtype)
     rq = spec.requant
     n_tasks = min(x.shape[0] * w.shape[0], 8 * numba.get_num_threads())

@@ -8,10 +8,12 @@ operands. The result holds exact integers in a float array.
 """
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
 
-from ..fixedpoint import OutputSpec, Requant, requantize_float_scalar, requantize_scalar
+from ..fixedpoint import ACCUMULATOR_SPEC, store_accumulator
 
 FLOAT32_EXACT = 1 << 24
 FLOAT64_EXACT = 1 << 53
@@ -54,11 +56,13 @@ def exact_float_chunks(k: int, a_dtype, b_dtype) -> tuple[type, int]:
 
 # ---- fused GEMM + requantization, parallel over column tiles (the numba backend's convolutions) --------
 
+@functools.cache
 def _single_threaded_scipy_blas() -> None:
     """numba's ``np.dot`` calls scipy's OpenBLAS. Our kernels call it from several numba threads at once, one
     tile each, so that BLAS must run single-threaded: its own threads would compete with numba's and, on a
     loaded machine, spin-wait for minutes' worth of cycles (a MobileNetV2 forward took 7 s instead of 0.12 s,
-    measured). numpy's BLAS is left alone; scipy.linalg in this process runs on one thread."""
+    measured). numpy's BLAS is left alone; scipy.linalg in this process runs on one thread. Done once, on the
+    first fused GEMM, rather than as a side effect of importing quant."""
     import ctypes
     import glob
     import os
@@ -72,8 +76,6 @@ def _single_threaded_scipy_blas() -> None:
                 getattr(lib, name)(1)
                 break
 
-
-_single_threaded_scipy_blas()
 
 
 @numba.njit(cache=True, nogil=True)
@@ -118,13 +120,8 @@ def _store_tile(acc, g0, g1, offset, f32, mantissa, shift, zero_point, qmin, qma
             half, off64 = np.int64(1) << (shf - 1), np.float64(off)
             src, dst = acc[c, g - g0:g - g0 + j1 - j0], out3[b, c, j0:j1]
             for j in range(j1 - j0):
-                if not requantize_out:
-                    dst[j] = np.int64(src[j]) + off
-                elif half_even:
-                    dst[j] = requantize_float_scalar(src[j], off64, m, zero_point, lo, hi)
-                else:
-                    dst[j] = requantize_scalar(np.int64(src[j]) + off, m, mant, shf, half, zero_point, qmin, qmax,
-                                               lo, hi, False)
+                dst[j] = store_accumulator(src[j], off, off64, m, mant, shf, half, zero_point, qmin, qmax, lo, hi,
+                                           half_even, requantize_out)
         g += j1 - j0
 
 
@@ -161,8 +158,8 @@ def gemm_requant(x3: np.ndarray, x_dtype, w: np.ndarray, offset: np.ndarray, out
     w3 = np.zeros((n_chunks, o, chunk), dtype)  # chunk-major, zero-padded past k: one float copy of w
     for c in range(n_chunks):
         w3[c, :, :min(chunk, k - c * chunk)] = w[:, c * chunk:(c + 1) * chunk]
-    spec = out or OutputSpec(Requant(np.ones(1, np.float32), np.ones(1, np.int64), np.ones(1, np.int64)), 0, 0, 0,
-                             "half_even", np.int64)
+    _single_threaded_scipy_blas()
+    spec = out or ACCUMULATOR_SPEC
     result = np.empty((n, o, s), dtype=spec.dtype)
     tasks = 4 * numba.get_num_threads()
     tile = int(min(256, max(16, -(-n * s // tasks))))
