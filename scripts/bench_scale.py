@@ -49,16 +49,13 @@ selection = ["trady", "last-layer"]
 seed = [0, 1]
 """
 
+MNIST_TASK = dict(model="small-cnn", dataset="mnist", bits="w16a8", budget="8KB", probe_samples=100, train_samples=2000,
+                  test_samples=2000, batch_size=8, m=4, space="real", eps=0.01, lr=3.0, lr_scale="dimension",
+                  selection="trady")
+
 FLEETS = {
-    "mnist-labels": dict(train=dict(model="small-cnn", dataset="mnist", bits="w16a8", budget="8KB", probe_samples=100,
-                                    train_samples=2000, test_samples=2000, batch_size=8, m=4, space="real", eps=0.01,
-                                    lr=3.0, lr_scale="dimension", selection="trady"),
-                         fleet=dict(clients=5, rounds=10, split="labels")),
-    "mnist-labels-short-rounds": dict(train=dict(model="small-cnn", dataset="mnist", bits="w16a8", budget="8KB",
-                                                 probe_samples=100, train_samples=2000, test_samples=2000,
-                                                 batch_size=8, m=4, space="real", eps=0.01, lr=3.0,
-                                                 lr_scale="dimension", selection="trady"),
-                                      fleet=dict(clients=5, rounds=20, local_steps=8, split="labels")),
+    "mnist-labels": dict(train=MNIST_TASK, fleet=dict(clients=5, rounds=10, split="labels")),
+    "mnist-labels-short-rounds": dict(train=MNIST_TASK, fleet=dict(clients=5, rounds=20, local_steps=8, split="labels")),
     "keywords-voices": dict(train=dict(model="audio-cnn", dataset="keywords", bits="w16a8", budget="8KB", batch_size=10,
                                        m=4, space="real", eps=0.01, lr=3.0, lr_scale="dimension", selection="trady",
                                        calibration_samples=100, rgn_samples=100),
