@@ -73,67 +73,84 @@ def _at(i):
 
 
 @numba.njit(cache=True, nogil=True)
-def _pad_plane(plane, x_zp, pt, pl, sh, wp, xp):
-    """``xp[p, r * wp + k]`` = padded input at row ``r * sh + p``, column ``k``; ``x_zp`` (real zero) outside.
+def _phase_ranges(pad, size, stride, count):
+    """For each phase ``p < stride``: the first and past-the-last index ``r < count`` whose padded position
+    ``r * stride + p`` falls inside the input (``pad <= position < pad + size``)."""
+    ranges = np.zeros((stride, 2), dtype=np.int64)
+    for p in range(stride):
+        first = max(0, (pad - p + stride - 1) // stride)
+        ranges[p, 0], ranges[p, 1] = first, max(first, min(count, (pad + size - 1 - p) // stride + 1))
+    return ranges
 
-    Rows are split by phase ``p = row % sh`` so that, for any vertical stride, the rows one kernel row reads
-    for consecutive outputs are consecutive in memory (see :func:`_depthwise_kernel`).
+
+@numba.njit(cache=True, nogil=True)
+def _pad_plane(plane, x_zp, pt, pl, sh, sw, wq, rows, cols, xp):
+    """``xp[p * sw + q, r * wq + k]`` = padded input at row ``r * sh + p``, column ``k * sw + q``; ``x_zp``
+    (real zero) outside the input, whose rows and columns per phase are ``rows`` and ``cols``
+    (:func:`_phase_ranges`).
+
+    Rows and columns are split by phase (``p = row % sh``, ``q = column % sw``) so that, for any stride, the
+    inputs one kernel tap reads for consecutive outputs are consecutive in memory (see
+    :func:`_depthwise_kernel`).
     """
-    h, wd = plane.shape
-    hq = xp.shape[1] // wp
     xp[:] = x_zp
     for p in range(sh):
-        dst = xp[p]
-        for r in range(max(0, (pt - p + sh - 1) // sh), hq):  # from the first phase row inside the input
-            y = r * sh + p - pt
-            if y >= h:
-                break
-            base = r * wp + pl
-            for k in range(wd):  # contiguous int -> float copy: vectorizes
-                dst[_at(base + k)] = plane[y, k]
+        for r in range(rows[p, 0], rows[p, 1]):
+            src = plane[r * sh + p - pt]
+            for q in range(sw):
+                dst, base = xp[p * sw + q], r * wq
+                if sw == 1:  # contiguous int -> float copy: vectorizes
+                    for k in range(cols[0, 0], cols[0, 1]):
+                        dst[_at(base + k)] = src[_at(k - pl)]
+                else:
+                    for k in range(cols[q, 0], cols[q, 1]):
+                        dst[_at(base + k)] = src[_at(k * sw + q - pl)]
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _depthwise_kernel(x, x_zp, w, offset, sh, sw, pt, pl, dh, dw, f32, mantissa, shift, zero_point, qmin, qmax,
-                      half_even, requantize_out, n_tasks, out):
+def _depthwise_kernel(x, x_zp, w, kh, kw, offset, sh, sw, pt, pl, dh, dw, f32, mantissa, shift, zero_point, qmin,
+                      qmax, half_even, requantize_out, n_tasks, out):
     """Depthwise conv, one (image, channel) plane at a time, each of ``n_tasks`` tasks reusing its buffers.
 
-    A plane is padded into a float buffer (``w``'s type, in which sums of kh*kw products are exact, see
-    exact_gemm) of row pitch ``wp``. Each tap then adds ``w[i, j] * plane`` shifted by the tap's offset over
-    the whole plane in one contiguous loop, output rows laid out at pitch ``wp`` too (the columns past the
-    output width and, for a horizontal stride, the skipped ones are computed and dropped): long contiguous
-    float multiply-adds vectorize, and numba's int8 ones (promoted to int64) do not.
+    ``w`` is (channels, kh * kw), in a float type in which sums of kh*kw products are exact (see exact_gemm).
+    A plane is padded into a buffer of that type, split into stride phases of row pitch ``wq`` (see
+    :func:`_pad_plane`). Each tap then adds ``w[c, tap] * phase`` shifted by the tap's offset over the whole
+    output in one contiguous loop, output rows laid out at pitch ``wq`` too (the few columns past the output
+    width are computed and dropped): long contiguous float multiply-adds vectorize, and numba's int8 ones
+    (promoted to int64) do not. A strided convolution reads only the outputs it keeps.
     Then adds ``offset`` (bias - x_zp * sum w) and, if asked, requantizes.
     """
-    n_batch, n_chan = x.shape[0], x.shape[1]
-    kh, kw = w.shape[1], w.shape[2]
+    n_batch, n_chan, h, wd = x.shape
     ho, wo = out.shape[2], out.shape[3]
-    hq = ho + ((kh - 1) * dh) // sh
-    wp = max(pl + x.shape[3], (wo - 1) * sw + (kw - 1) * dw + 1)
-    span = (ho - 1) * wp + (wo - 1) * sw + 1
+    hq, wq = ho + ((kh - 1) * dh) // sh, wo + ((kw - 1) * dw) // sw
+    span = (ho - 1) * wq + wo
+    rows, cols = _phase_ranges(pt, h, sh, hq), _phase_ranges(pl, wd, sw, wq)
+    tap_phase, tap_start = np.empty(kh * kw, np.int64), np.empty(kh * kw, np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            tap_phase[i * kw + j] = ((i * dh) % sh) * sw + (j * dw) % sw
+            tap_start[i * kw + j] = ((i * dh) // sh) * wq + (j * dw) // sw
     per_channel = f32.shape[0] > 1
     lo, hi = np.float32(qmin - zero_point), np.float32(qmax - zero_point)
     planes = n_batch * n_chan
     for t in numba.prange(n_tasks):
-        xp = np.empty((sh, hq * wp), dtype=w.dtype)
+        xp = np.empty((sh * sw, hq * wq), dtype=w.dtype)
         acc = np.empty(span, dtype=w.dtype)
         for bc in range(t * planes // n_tasks, (t + 1) * planes // n_tasks):
             b, c = bc // n_chan, bc % n_chan
-            _pad_plane(x[b, c], x_zp, pt, pl, sh, wp, xp)
+            _pad_plane(x[b, c], x_zp, pt, pl, sh, sw, wq, rows, cols, xp)
             acc[:] = 0
-            for i in range(kh):
-                taps = xp[(i * dh) % sh]
-                for j in range(kw):
-                    wij, start = w[c, i, j], ((i * dh) // sh) * wp + j * dw
-                    for q in range(span):
-                        acc[q] += taps[_at(start + q)] * wij
+            for tap in range(kh * kw):
+                taps, wij, start = xp[tap_phase[tap]], w[c, tap], tap_start[tap]
+                for q in range(span):
+                    acc[q] += taps[_at(start + q)] * wij
             k = c if per_channel else 0
             m, mant, shf, off = f32[k], mantissa[k], shift[k], offset[c]
             half, off64 = np.int64(1) << (shf - 1), np.float64(off)
             dst = out[b, c]
             for oy in range(ho):
                 for ox in range(wo):
-                    dst[oy, ox] = store_accumulator(acc[_at(oy * wp + ox * sw)], off, off64, m, mant, shf, half,
+                    dst[oy, ox] = store_accumulator(acc[_at(oy * wq + ox)], off, off64, m, mant, shf, half,
                                                     zero_point, qmin, qmax, lo, hi, half_even, requantize_out)
 
 
@@ -162,9 +179,9 @@ def _depthwise(x, x_zp, w, offset, geometry, ho, wo, out):
     result = np.empty((x.shape[0], w.shape[0], ho, wo), dtype=spec.dtype)
     rq = spec.requant
     n_tasks = min(x.shape[0] * w.shape[0], 8 * numba.get_num_threads())
-    _depthwise_kernel(x, x_zp, np.ascontiguousarray(w[:, 0], dtype=exact), offset, sh, sw, pt, pl, dh, dw,
-                      rq.float32, rq.mantissa, rq.shift, int(spec.zero_point), int(spec.qmin), int(spec.qmax),
-                      spec.mode == "half_even", out is not None, n_tasks, result)
+    _depthwise_kernel(x, x_zp, w.reshape(w.shape[0], -1).astype(exact), w.shape[2], w.shape[3], offset, sh, sw,
+                      pt, pl, dh, dw, rq.float32, rq.mantissa, rq.shift, int(spec.zero_point), int(spec.qmin),
+                      int(spec.qmax), spec.mode == "half_even", out is not None, n_tasks, result)
     return result
 
 
