@@ -12,8 +12,9 @@ activations with 8- or 16-bit weights; ``qdq`` (see :mod:`.qdq`) suits converter
 agrees up to float rounding. Only ``ai.onnx`` operators (opset 13, ir_version 8; qdq with 16-bit tensors:
 opset 21, ir_version 10), so no contrib ops and onnxruntime 1.31+ loads them.
 
-``export_segment`` builds the integer-in, integer-out model of a run of nodes with every weight and bias as
-a graph input: the onnxruntime backend runs the trainer's prefix and suffix calls through it.
+``export_segment`` builds the integer-in, integer-out model of a run of nodes: in ``qop`` with every weight
+and bias a graph input (the onnxruntime backend runs the trainer's prefix and suffix calls through it); in
+``qdq`` to compare the runtime's float arithmetic with the engine's node by node.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from ..graph import QGraph
 from ..ops import WeightedNode
 
 from . import qdq, qop
-from .builder import Builder, ExportError
+from .builder import ONNX_TYPES, Builder, ExportError
 from .operands import Weights
 
 FORMATS = ("qop", "qdq")
@@ -130,20 +131,39 @@ def export(graph: QGraph, sample_shape: tuple, fmt: str = "qop", weights: dict |
     return model
 
 
-def export_segment(graph: QGraph, first: int, last: int, live_shapes: dict[str, tuple]) -> onnx.ModelProto:
-    """Nodes [first, last) as a qop model from integers to integers, every weight and bias a graph input.
+def export_segment(graph: QGraph, first: int, last: int, live_shapes: dict[str, tuple],
+                   fmt: str = "qop") -> onnx.ModelProto:
+    """Nodes [first, last) as a model from integers to integers.
 
     Inputs: the tensors live at ``first`` (engine names and types, shapes ``live_shapes`` with a free
-    batch), then ``<node>.weight`` / ``<node>.bias`` of each layer in the segment. Outputs: the tensors live
-    at ``last`` that the segment produces (the graph output when ``last`` is the end)."""
-    _check_qop(graph, graph.nodes[first:last])
+    batch); for ``qop`` then ``<node>.weight`` / ``<node>.bias`` of each layer in the segment, so that one
+    session serves every weight set (the onnxruntime backend). ``qdq`` keeps the graph's weights as
+    constants: it serves to compare the runtime's float arithmetic with the engine's one node at a time.
+    Outputs: the tensors live at ``last`` that the segment produces (the graph output when ``last`` is the
+    end), as integers."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
+    nodes = graph.nodes[first:last]
+    if fmt == "qop":
+        _check_qop(graph, nodes)
     b = Builder(_shapes(graph, first, last, live_shapes))
-    names = {t: b.input(t, graph.params_of(t).dtype, ["N", *live_shapes[t][1:]]) for t in live_tensors(graph, first)}
-    _lower(b, graph, "qop", first, last, names, Weights(as_inputs=True))
-    produced = {n.output for n in graph.nodes[first:last]}
+    names = {}
+    for t in live_tensors(graph, first):
+        names[t] = b.input(t, graph.params_of(t).dtype, ["N", *live_shapes[t][1:]])
+        if fmt == "qdq":
+            names[t] = b.dequantize(names[t], graph.params_of(t), t)
+    _lower(b, graph, fmt, first, last, names, Weights(as_inputs=fmt == "qop"))
+    produced = {n.output for n in nodes}
     outputs = []
     for t in live_tensors(graph, last) if last < len(graph.nodes) else [graph.output_name]:
         if t in produced:
-            b.op("Identity", [names[t]], "output", output=t)
-            outputs.append(helper.make_tensor_value_info(t, onnx.TensorProto.INT8, ["N", *b.shapes[t][1:]]))
-    return _model(b, outputs, QOP_OPSET, f"fwdgrad segment: nodes {first}..{last - 1} of {graph.bits}")
+            params = graph.params_of(t)
+            if fmt == "qdq":  # back on the integer grid: Q(DQ(q)) is q exactly
+                b.quantize(names[t], params, "output", output=t)
+            else:
+                b.op("Identity", [names[t]], "output", output=t)
+            outputs.append(helper.make_tensor_value_info(t, ONNX_TYPES[np.dtype(params.dtype)],
+                                                         ["N", *b.shapes[t][1:]]))
+    wide = fmt == "qdq" and _has_16_bit_tensors(graph)
+    return _model(b, outputs, WIDE_QDQ_OPSET if wide else QOP_OPSET,
+                  f"fwdgrad {fmt} segment: nodes {first}..{last - 1} of {graph.bits}")
