@@ -31,13 +31,25 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench_engine:begin -->", "<!-- bench_engine:end -->"
 
 
-def images_per_second(run, x: np.ndarray, batch: int, min_seconds: float) -> float:
-    run(x[:batch])  # warm up (numba compilation, onnxruntime arena)
+def images_per_second(run, x: np.ndarray, batch: int, seconds: float) -> float:
     done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < min_seconds:
+    while time.perf_counter() - start < seconds:
         run(x[:batch])
         done += batch
     return done / (time.perf_counter() - start)
+
+
+def interleaved_speeds(runs: dict, x: np.ndarray, batch: int, seconds: float, rounds: int) -> dict[str, float]:
+    """Median images/s of each runner over ``rounds`` short windows taken in turn (ours, peer, peer, ...,
+    ours, ...): on a shared machine whose speed drifts, every runner sees the same drift, so the ratios hold
+    where back-to-back long windows would compare a fast minute with a slow one."""
+    for run in runs.values():
+        run(x[:batch])  # warm up (numba compilation, onnxruntime arena)
+    rates = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            rates[name].append(images_per_second(run, x, batch, seconds / rounds))
+    return {name: float(np.median(r)) for name, r in rates.items()}
 
 
 class _Reader(CalibrationDataReader):
@@ -55,7 +67,7 @@ def onnxruntime_int8(path: Path, calibration: np.ndarray, workdir: Path) -> ort.
     return ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
 
 
-def measure(resolution: int, batches: list[int], min_seconds: float) -> list[dict]:
+def measure(resolution: int, batches: list[int], min_seconds: float, rounds: int) -> list[dict]:
     path = model_onnx("mobilenetv2", resolution=resolution)
     x = real_photos(max(batches), resolution, seed=0)
     calibration = real_photos(32, resolution, seed=1)
@@ -68,14 +80,12 @@ def measure(resolution: int, batches: list[int], min_seconds: float) -> list[dic
         int8_session = onnxruntime_int8(path, calibration, Path(tmp))
         for batch in batches:
             with torch.inference_mode():
-                speeds = {
-                    "ours (numba, w8a8)": images_per_second(lambda b: graph.forward(b), x, batch, min_seconds),
-                    "onnxruntime int8": images_per_second(lambda b: int8_session.run(None, {"input": b}), x, batch,
-                                                          min_seconds),
-                    "onnxruntime float32": images_per_second(lambda b: float_session.run(None, {"input": b}), x,
-                                                             batch, min_seconds),
-                    "pytorch float32": images_per_second(lambda b: net(torch.from_numpy(b)), x, batch, min_seconds),
-                }
+                speeds = interleaved_speeds({
+                    "ours (numba, w8a8)": lambda b: graph.forward(b),
+                    "onnxruntime int8": lambda b: int8_session.run(None, {"input": b}),
+                    "onnxruntime float32": lambda b: float_session.run(None, {"input": b}),
+                    "pytorch float32": lambda b: net(torch.from_numpy(b)),
+                }, x, batch, min_seconds, rounds)
             rows.append({"resolution": resolution, "batch": batch, **speeds})
             print(rows[-1])
     return rows
@@ -85,7 +95,8 @@ def render(rows: list[dict]) -> str:
     peers = ["onnxruntime int8", "onnxruntime float32", "pytorch float32"]
     lines = [BEGIN, "## Inference engine (`scripts/bench_engine.py`)", "",
              f"MobileNetV2 (ImageNet), images/s on this machine ({platform.processor() or platform.machine()}, "
-             f"{torch.get_num_threads()} threads), all measured in the same run. Ratio = peer time / our time "
+             f"{torch.get_num_threads()} threads), all measured in the same run, in turns (median of short windows "
+             "taken one runner after the other, so all see the same machine). Ratio = peer time / our time "
              "(below 1: we are slower).", "",
              "| resolution | batch | ours (numba, w8a8) img/s | " + " | ".join(f"{p} img/s" for p in peers)
              + " | " + " | ".join(f"ours vs {p}" for p in peers) + " |",
@@ -108,9 +119,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--resolutions", type=int, nargs="+", default=[224, 128])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--seconds", type=float, default=3.0, help="minimum timing window per measurement")
+    parser.add_argument("--seconds", type=float, default=5.0, help="timing per runner and configuration")
+    parser.add_argument("--rounds", type=int, default=10, help="windows per runner, taken in turn; median reported")
     args = parser.parse_args()
-    rows = [row for res in args.resolutions for row in measure(res, args.batches, args.seconds)]
+    rows = [row for res in args.resolutions for row in measure(res, args.batches, args.seconds, args.rounds)]
     write_doc(render(rows))
     print(f"wrote {DOC}")
 
