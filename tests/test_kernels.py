@@ -1,11 +1,12 @@
 """numba kernels == numpy reference kernels, integer for integer, over generated shapes and widths."""
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from quant.backends import get_backend
 from quant.fixedpoint import OutputSpec, Requant
 from quant.ops.add import AddRescale
-from quant.ops.conv import ConvGeometry
+from quant.ops.conv import STACKED_ELEMENTS, ConvGeometry
 from quant.ops.pool import PoolGeometry
 from quant.tensor import QParams
 
@@ -66,6 +67,22 @@ def test_conv_long_reduction_splits_exactly():
     w[2] = ints(rng, (256, 3, 3), 8, narrow=True)
     geometry = ConvGeometry(pads=(1, 1, 1, 1))
     assert np.array_equal(FAST.conv(x, 3, w, np.zeros(4), geometry), REF.conv(x, 3, w, np.zeros(4), geometry))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_stacks_of_images_split_exactly(stride):
+    """Planes of 40x40 stack two images per buffer (quant.ops.conv.STACKED_ELEMENTS): five images make
+    stacks of 2, 2 and 1, the rows between stacked images are dropped, both rounding modes."""
+    phase_side = 40 + 2 // stride  # 40 outputs a side, plus the taps' reach into the padded phase plane
+    assert STACKED_ELEMENTS // phase_side ** 2 == 2
+    rng = np.random.default_rng(stride)
+    x, w = ints(rng, (5, 3, 40 * stride, 40 * stride), 8), ints(rng, (3, 1, 3, 3), 8, narrow=True)
+    geometry = ConvGeometry((stride, stride), (1, 1, 1, 1), (1, 1), 3)
+    bias = rng.integers(-1000, 1000, 3)
+    assert np.array_equal(FAST.conv(x, 7, w, bias, geometry), REF.conv(x, 7, w, bias, geometry))
+    for mode in ("half_even", "half_away"):
+        spec = OutputSpec(Requant.from_real(rng.uniform(1e-4, 1e-3, 3), False), -5, -128, 127, mode, np.int8)
+        assert np.array_equal(FAST.conv(x, 7, w, bias, geometry, spec), REF.conv(x, 7, w, bias, geometry, spec))
 
 
 @settings(max_examples=60, deadline=None)

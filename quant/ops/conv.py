@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from ..fixedpoint import ACCUMULATOR_SPEC, OutputSpec, store_accumulator
+from ..fixedpoint import ACCUMULATOR_SPEC, OutputSpec, store_accumulators
 from .base import WeightedNode
 from .exact_gemm import FLOAT32_EXACT, exact_matmul, gemm_requant, largest_magnitude
 
@@ -84,21 +84,20 @@ def _phase_ranges(pad, size, stride, count):
 
 
 @numba.njit(cache=True, nogil=True)
-def _pad_plane(plane, x_zp, pt, pl, sh, sw, wq, rows, cols, xp):
-    """``xp[p * sw + q, r * wq + k]`` = padded input at row ``r * sh + p``, column ``k * sw + q``; ``x_zp``
-    (real zero) outside the input, whose rows and columns per phase are ``rows`` and ``cols``
-    (:func:`_phase_ranges`).
+def _pad_plane(plane, pt, pl, sh, sw, wq, rows, cols, row0, xp):
+    """``xp[p * sw + q, (row0 + r) * wq + k]`` = the plane padded, at row ``r * sh + p`` and column
+    ``k * sw + q``, for the rows and columns inside the input per phase (``rows``, ``cols``:
+    :func:`_phase_ranges`); the caller has filled ``xp`` with the real zero.
 
     Rows and columns are split by phase (``p = row % sh``, ``q = column % sw``) so that, for any stride, the
     inputs one kernel tap reads for consecutive outputs are consecutive in memory (see
     :func:`_depthwise_kernel`).
     """
-    xp[:] = x_zp
     for p in range(sh):
         for r in range(rows[p, 0], rows[p, 1]):
             src = plane[r * sh + p - pt]
             for q in range(sw):
-                dst, base = xp[p * sw + q], r * wq
+                dst, base = xp[p * sw + q], (row0 + r) * wq
                 if sw == 1:  # contiguous int -> float copy: vectorizes
                     for k in range(cols[0, 0], cols[0, 1]):
                         dst[_at(base + k)] = src[_at(k - pl)]
@@ -109,21 +108,23 @@ def _pad_plane(plane, x_zp, pt, pl, sh, sw, wq, rows, cols, xp):
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _depthwise_kernel(x, x_zp, w, kh, kw, offset, sh, sw, pt, pl, dh, dw, f32, mantissa, shift, zero_point, qmin,
-                      qmax, half_even, requantize_out, n_tasks, out):
-    """Depthwise conv, one (image, channel) plane at a time, each of ``n_tasks`` tasks reusing its buffers.
+                      qmax, half_even, requantize_out, stack, stages, out):
+    """Depthwise conv, one channel of ``stack`` images at a time, each of ``n_tasks`` tasks reusing its buffers.
 
     ``w`` is (channels, kh * kw), in a float type in which sums of kh*kw products are exact (see exact_gemm).
-    A plane is padded into a buffer of that type, split into stride phases of row pitch ``wq`` (see
-    :func:`_pad_plane`). Each tap then adds ``w[c, tap] * phase`` shifted by the tap's offset over the whole
-    output in one contiguous loop, output rows laid out at pitch ``wq`` too (the few columns past the output
-    width are computed and dropped): long contiguous float multiply-adds vectorize, and numba's int8 ones
-    (promoted to int64) do not. A strided convolution reads only the outputs it keeps.
-    Then adds ``offset`` (bias - x_zp * sum w) and, if asked, requantizes.
+    The images' planes of one channel are padded into one buffer of that type, one under the other, split
+    into stride phases of row pitch ``wq`` (see :func:`_pad_plane`). Each tap then adds ``w[c, tap] * phase``
+    shifted by the tap's offset over all the stacked outputs in one contiguous loop, output rows laid out at
+    pitch ``wq`` too (the few columns past the output width, and the rows between two images, are computed
+    and dropped): long contiguous float multiply-adds vectorize, and numba's int8 ones (promoted to int64)
+    do not. A strided convolution reads only the outputs it keeps; stacking makes the loops of small planes
+    (7x7) long enough to vectorize. Then adds ``offset`` (bias - x_zp * sum w) and, if asked, requantizes,
+    in one long pass into the task's row of ``stages`` (int32, or int64 accumulators), whose output rows
+    are then copied out.
     """
     n_batch, n_chan, h, wd = x.shape
     ho, wo = out.shape[2], out.shape[3]
     hq, wq = ho + ((kh - 1) * dh) // sh, wo + ((kw - 1) * dw) // sw
-    span = (ho - 1) * wq + wo
     rows, cols = _phase_ranges(pt, h, sh, hq), _phase_ranges(pl, wd, sw, wq)
     tap_phase, tap_start = np.empty(kh * kw, np.int64), np.empty(kh * kw, np.int64)
     for i in range(kh):
@@ -131,27 +132,32 @@ def _depthwise_kernel(x, x_zp, w, kh, kw, offset, sh, sw, pt, pl, dh, dw, f32, m
             tap_phase[i * kw + j] = ((i * dh) % sh) * sw + (j * dw) % sw
             tap_start[i * kw + j] = ((i * dh) // sh) * wq + (j * dw) // sw
     per_channel = f32.shape[0] > 1
-    lo, hi = np.float32(qmin - zero_point), np.float32(qmax - zero_point)
-    planes = n_batch * n_chan
+    n_stacks = (n_batch + stack - 1) // stack
+    units, n_tasks = n_chan * n_stacks, stages.shape[0]
     for t in numba.prange(n_tasks):
-        xp = np.empty((sh * sw, hq * wq), dtype=w.dtype)
-        acc = np.empty(span, dtype=w.dtype)
-        for bc in range(t * planes // n_tasks, (t + 1) * planes // n_tasks):
-            b, c = bc // n_chan, bc % n_chan
-            _pad_plane(x[b, c], x_zp, pt, pl, sh, sw, wq, rows, cols, xp)
-            acc[:] = 0
+        xp = np.empty((sh * sw, stack * hq * wq), dtype=w.dtype)
+        acc, stage = np.empty(stack * hq * wq, dtype=w.dtype), stages[t]
+        for u in range(t * units // n_tasks, (t + 1) * units // n_tasks):
+            c, b0 = u // n_stacks, (u % n_stacks) * stack
+            images = min(stack, n_batch - b0)
+            xp[:] = x_zp
+            for i in range(images):
+                _pad_plane(x[b0 + i, c], pt, pl, sh, sw, wq, rows, cols, i * hq, xp)
+            span = ((images - 1) * hq + ho - 1) * wq + wo
+            acc[:span] = 0
             for tap in range(kh * kw):
                 taps, wij, start = xp[tap_phase[tap]], w[c, tap], tap_start[tap]
                 for q in range(span):
                     acc[q] += taps[_at(start + q)] * wij
             k = c if per_channel else 0
-            m, mant, shf, off = f32[k], mantissa[k], shift[k], offset[c]
-            half, off64 = np.int64(1) << (shf - 1), np.float64(off)
-            dst = out[b, c]
-            for oy in range(ho):
-                for ox in range(wo):
-                    dst[oy, ox] = store_accumulator(acc[_at(oy * wq + ox)], off, off64, m, mant, shf, half,
-                                                    zero_point, qmin, qmax, lo, hi, half_even, requantize_out)
+            store_accumulators(acc, span, offset[c], f32[k], mantissa[k], shift[k], zero_point, qmin, qmax, half_even,
+                               requantize_out, stage)
+            for i in range(images):
+                dst = out[b0 + i, c]
+                for oy in range(ho):
+                    row = (i * hq + oy) * wq
+                    for ox in range(wo):
+                        dst[oy, ox] = stage[_at(row + ox)]
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -171,6 +177,12 @@ def _im2col_kernel(x, x_zp, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo, cols):
                         cols[b, row, oy * wo + ox] = x[b, c, iy, ix] if inside else x_zp
 
 
+# Padded elements per depthwise buffer (per stride phase) up to which planes of one channel from several
+# images are stacked: 16 KB of float32 keeps the buffer and the accumulator in L1/L2 while a 7x7 plane's
+# 61-element loops become ~1000 long.
+STACKED_ELEMENTS = 4096
+
+
 def _depthwise(x, x_zp, w, offset, geometry, ho, wo, out):
     (sh, sw), (dh, dw), (pt, pl, _, _) = geometry.stride, geometry.dilation, geometry.pads
     taps = w.shape[2] * w.shape[3]
@@ -178,10 +190,13 @@ def _depthwise(x, x_zp, w, offset, geometry, ho, wo, out):
     spec = out or ACCUMULATOR_SPEC
     result = np.empty((x.shape[0], w.shape[0], ho, wo), dtype=spec.dtype)
     rq = spec.requant
-    n_tasks = min(x.shape[0] * w.shape[0], 8 * numba.get_num_threads())
+    hq, wq = ho + ((w.shape[2] - 1) * dh) // sh, wo + ((w.shape[3] - 1) * dw) // sw
+    stack = max(1, min(x.shape[0], STACKED_ELEMENTS // (hq * wq)))
+    n_tasks = min(-(-x.shape[0] // stack) * w.shape[0], 8 * numba.get_num_threads())
+    stages = np.empty((n_tasks, stack * hq * wq), np.int64 if out is None else np.int32)  # outputs before storing
     _depthwise_kernel(x, x_zp, w.reshape(w.shape[0], -1).astype(exact), w.shape[2], w.shape[3], offset, sh, sw,
                       pt, pl, dh, dw, rq.float32, rq.mantissa, rq.shift, int(spec.zero_point), int(spec.qmin),
-                      int(spec.qmax), spec.mode == "half_even", out is not None, n_tasks, result)
+                      int(spec.qmax), spec.mode == "half_even", out is not None, stack, stages, result)
     return result
 
 

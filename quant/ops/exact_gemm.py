@@ -13,7 +13,7 @@ import functools
 import numba
 import numpy as np
 
-from ..fixedpoint import ACCUMULATOR_SPEC, store_accumulator
+from ..fixedpoint import ACCUMULATOR_SPEC, store_accumulators
 
 FLOAT32_EXACT = 1 << 24
 FLOAT64_EXACT = 1 << 53
@@ -109,19 +109,14 @@ def _store_tile(acc, g0, g1, offset, f32, mantissa, shift, zero_point, qmin, qma
     """out3[b, c, j] = requantize(acc[c, g - g0] + offset[c]) for the flattened columns g = b * s + j in [g0, g1)."""
     s = out3.shape[2]
     per_channel = f32.shape[0] > 1
-    lo, hi = np.float32(qmin - zero_point), np.float32(qmax - zero_point)
     g = g0
     while g < g1:
         b, j0 = g // s, g % s
         j1 = min(s, j0 + g1 - g)
         for c in range(acc.shape[0]):
             q = c if per_channel else 0
-            m, mant, shf, off = f32[q], mantissa[q], shift[q], offset[c]
-            half, off64 = np.int64(1) << (shf - 1), np.float64(off)
-            src, dst = acc[c, g - g0:g - g0 + j1 - j0], out3[b, c, j0:j1]
-            for j in range(j1 - j0):
-                dst[j] = store_accumulator(src[j], off, off64, m, mant, shf, half, zero_point, qmin, qmax, lo, hi,
-                                           half_even, requantize_out)
+            store_accumulators(acc[c, g - g0:g - g0 + j1 - j0], j1 - j0, offset[c], f32[q], mantissa[q], shift[q],
+                               zero_point, qmin, qmax, half_even, requantize_out, out3[b, c, j0:j1])
         g += j1 - j0
 
 
