@@ -17,7 +17,7 @@ import numpy as np
 
 from ..fixedpoint import ACCUMULATOR_SPEC, OutputSpec, store_accumulators
 from .base import WeightedNode
-from .exact_gemm import FLOAT32_EXACT, exact_matmul, gemm_requant, largest_magnitude
+from .exact_gemm import FLOAT32_EXACT, exact_matmul, gemm_requant, largest_magnitude, zero_point_offset
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,7 @@ def conv_numba(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray, geomet
     o, cg, kh, kw = w.shape
     ho, wo = geometry.output_hw(h, wd, kh, kw)
     x = np.ascontiguousarray(x)
-    offset = bias.astype(np.int64) - int(x_zp) * w.reshape(o, -1).astype(np.int64).sum(axis=1)
+    offset = zero_point_offset(bias, x_zp, w.reshape(o, -1))
     if cg == 1 and o == g:
         return _depthwise(x, int(x_zp), w, offset, geometry, ho, wo, out)
     og, k = o // g, cg * kh * kw

@@ -11,7 +11,7 @@ import numpy as np
 
 from .base import WeightedNode
 from ..fixedpoint import OutputSpec
-from .exact_gemm import gemm_requant
+from .exact_gemm import gemm_requant, zero_point_offset
 
 
 def check_linear_shapes(x: np.ndarray, w: np.ndarray) -> None:
@@ -31,7 +31,7 @@ def linear_numba(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray,
                  out: OutputSpec | None = None) -> np.ndarray:
     """Same integers as :func:`linear_reference`, via exact float BLAS on the raw integers."""
     check_linear_shapes(x, w)
-    offset = bias.astype(np.int64) - int(x_zp) * w.astype(np.int64).sum(axis=1)
+    offset = zero_point_offset(bias, x_zp, w)
     return gemm_requant(x.reshape(x.shape[0], x.shape[1], 1), x.dtype, w, offset, out)[:, :, 0]
 
 
