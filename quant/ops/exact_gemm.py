@@ -115,52 +115,58 @@ def _gather_tile(x3, g0, g1, cols):
 
 
 @numba.njit(cache=True, nogil=True)
-def _chunked_product(w3, cols):
-    """Exact ``w @ cols`` when one float32 product could exceed 2**24: one BLAS call per reduction chunk
-    (w3 is (chunks, o, chunk)), each exact, summed in float64."""
+def _chunked_product(w3, o0, o1, cols):
+    """Exact ``w[o0:o1] @ cols`` when one float32 product could exceed 2**24: one BLAS call per reduction
+    chunk (w3 is (chunks, o, chunk)), each exact, summed in float64."""
     chunk = w3.shape[2]
-    acc = np.dot(w3[0], cols[:chunk]).astype(np.float64)
+    acc = np.dot(w3[0, o0:o1], cols[:chunk]).astype(np.float64)
     for kc in range(1, w3.shape[0]):
-        acc += np.dot(w3[kc], cols[kc * chunk:(kc + 1) * chunk])
+        acc += np.dot(w3[kc, o0:o1], cols[kc * chunk:(kc + 1) * chunk])
     return acc
 
 
 @numba.njit(cache=True, nogil=True)
-def _store_tile(acc, g0, g1, offset, f32, mantissa, shift, zero_point, qmin, qmax, half_even, requantize_out, out3):
-    """out3[b, c, j] = requantize(acc[c, g - g0] + offset[c]) for the flattened columns g = b * s + j in [g0, g1)."""
+def _store_tile(acc, o0, g0, g1, offset, f32, mantissa, shift, zero_point, qmin, qmax, half_even, requantize_out,
+                out3):
+    """out3[b, o0 + c, j] = requantize(acc[c, g - g0] + offset[o0 + c]) for the flattened columns
+    g = b * s + j in [g0, g1)."""
     s = out3.shape[2]
     per_channel = f32.shape[0] > 1
     g = g0
     while g < g1:
         b, j0 = g // s, g % s
         j1 = min(s, j0 + g1 - g)
-        for c in range(acc.shape[0]):
+        for c in range(o0, o0 + acc.shape[0]):
             q = c if per_channel else 0
-            store_accumulators(acc[c, g - g0:g - g0 + j1 - j0], j1 - j0, offset[c], f32[q], mantissa[q], shift[q],
-                               zero_point, qmin, qmax, half_even, requantize_out, out3[b, c, j0:j1])
+            store_accumulators(acc[c - o0, g - g0:g - g0 + j1 - j0], j1 - j0, offset[c], f32[q], mantissa[q],
+                               shift[q], zero_point, qmin, qmax, half_even, requantize_out, out3[b, c, j0:j1])
         g += j1 - j0
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _gemm_requant_kernel(x3, w3, offset, f32, mantissa, shift, zero_point, qmin, qmax, half_even, requantize_out,
-                         tile, out3):
-    """out3[b, :, j] = requantize(w @ x3[b, :, j] + offset), tile by tile of the flattened (b, j) columns.
+                         tile, block, out3):
+    """out3[b, :, j] = requantize(w @ x3[b, :, j] + offset), by tiles of the flattened (b, j) columns and
+    blocks of ``block`` outputs.
 
     Each task gathers its columns into a float buffer (the K x tile block stays in cache), multiplies with
     BLAS, and requantizes straight into the output: no full-size float copy of the input or accumulator.
+    Output blocks give the threads work when the columns are few (a classifier, batch 1).
     """
     total = x3.shape[0] * x3.shape[2]
     n_chunks, chunk = w3.shape[0], w3.shape[2]
-    for t in numba.prange((total + tile - 1) // tile):
-        g0, g1 = t * tile, min(total, (t + 1) * tile)
+    n_blocks = (w3.shape[1] + block - 1) // block
+    for t in numba.prange(((total + tile - 1) // tile) * n_blocks):
+        g0, o0 = (t // n_blocks) * tile, (t % n_blocks) * block
+        g1, o1 = min(total, g0 + tile), min(w3.shape[1], o0 + block)
         cols = np.zeros((n_chunks * chunk, g1 - g0), dtype=w3.dtype)  # rows past K stay 0: exact padding
         _gather_tile(x3, g0, g1, cols)
         if n_chunks == 1:
-            _store_tile(np.dot(w3[0], cols), g0, g1, offset, f32, mantissa, shift, zero_point, qmin, qmax,
-                        half_even, requantize_out, out3)
+            _store_tile(np.dot(w3[0, o0:o1], cols), o0, g0, g1, offset, f32, mantissa, shift, zero_point, qmin,
+                        qmax, half_even, requantize_out, out3)
         else:
-            _store_tile(_chunked_product(w3, cols), g0, g1, offset, f32, mantissa, shift, zero_point, qmin, qmax,
-                        half_even, requantize_out, out3)
+            _store_tile(_chunked_product(w3, o0, o1, cols), o0, g0, g1, offset, f32, mantissa, shift, zero_point,
+                        qmin, qmax, half_even, requantize_out, out3)
 
 
 def gemm_requant(x3: np.ndarray, x_dtype, w: np.ndarray, offset: np.ndarray, out) -> np.ndarray:
@@ -174,16 +180,19 @@ def gemm_requant(x3: np.ndarray, x_dtype, w: np.ndarray, offset: np.ndarray, out
     if n_chunks == 1:
         w3 = w.astype(dtype)[np.newaxis]
     else:
-        w3 = np.zeros((n_chunks, o, chunk), dtype)  # chunk-major, zero-padded past k: one float copy of w
+        w3 = np.empty((n_chunks, o, chunk), dtype)  # chunk-major, zero-padded past k: one float copy of w
         for c in range(n_chunks):
-            w3[c, :, :min(chunk, k - c * chunk)] = w[:, c * chunk:(c + 1) * chunk]
+            width = min(chunk, k - c * chunk)
+            w3[c, :, :width] = w[:, c * chunk:c * chunk + width]
+            w3[c, :, width:] = 0
     _single_threaded_scipy_blas()
     spec = out or ACCUMULATOR_SPEC
     result = np.empty((n, o, s), dtype=spec.dtype)
     tasks = 4 * numba.get_num_threads()
     tile = int(min(256, max(16, -(-n * s // tasks))))
+    block = -(-o // min(-(-tasks // -(-n * s // tile)), -(-o // 32)))  # split outputs if tiles are too few
     rq = spec.requant
     _gemm_requant_kernel(np.ascontiguousarray(x3), w3, offset.astype(np.int64), rq.float32, rq.mantissa, rq.shift,
                          int(spec.zero_point), int(spec.qmin), int(spec.qmax), spec.mode == "half_even",
-                         out is not None, tile, result)
+                         out is not None, tile, block, result)
     return result
