@@ -93,9 +93,12 @@ class OutputSpec:
     def apply(self, acc: np.ndarray) -> np.ndarray:
         return requantize(acc, self.requant, self.zero_point, self.qmin, self.qmax, self.mode, self.dtype)
 
-    def apply_numba(self, acc: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
-        return requantize_numba(acc, self.requant, self.zero_point, self.qmin, self.qmax, self.mode, self.dtype,
-                                offset)
+    def channels(self, which: slice) -> "OutputSpec":
+        """The spec of a slice of the output channels (a convolution group's)."""
+        rq = self.requant
+        if rq.float32.size > 1:
+            rq = Requant(rq.float32[which], rq.mantissa[which], rq.shift[which])
+        return OutputSpec(rq, self.zero_point, self.qmin, self.qmax, self.mode, self.dtype)
 
 
 def channel_view(values: np.ndarray, ndim: int) -> np.ndarray:

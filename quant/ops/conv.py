@@ -17,7 +17,7 @@ import numpy as np
 
 from ..fixedpoint import ACCUMULATOR_SPEC, OutputSpec, store_accumulators
 from .base import WeightedNode
-from .exact_gemm import FLOAT32_EXACT, exact_matmul, gemm_requant, largest_magnitude, zero_point_offset
+from .exact_gemm import FLOAT32_EXACT, gemm_requant, largest_magnitude, zero_point_offset
 
 
 @dataclass(frozen=True)
@@ -219,26 +219,18 @@ def conv_numba(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray, geomet
         return _depthwise(x, int(x_zp), w, offset, geometry, ho, wo, out)
     og, k = o // g, cg * kh * kw
     pointwise = kh == kw == 1 and geometry.pads == (0, 0, 0, 0) and (sh, sw) == (1, 1)
-    if g == 1:  # one fused, tiled GEMM + requantization; a 1x1 stride-1 conv needs no im2col at all
-        if pointwise:
-            cols = x.reshape(n, c, h * wd)
-        else:
-            cols = np.empty((n, k, ho * wo), dtype=np.float32 if x.itemsize == 1 else np.float64)
-            _im2col_kernel(x, int(x_zp), kh, kw, sh, sw, pt, pl, dh, dw, ho, wo, cols)
-        return gemm_requant(cols, x.dtype, w.reshape(o, k), offset, out).reshape(n, o, ho, wo)
-    parts = []
-    for gi in range(g):
-        xg = x[:, gi * cg:(gi + 1) * cg]
+    groups = []
+    for gi in range(g):  # a fused, tiled GEMM + requantization per group; a 1x1 stride-1 conv needs no im2col
+        xg = np.ascontiguousarray(x[:, gi * cg:(gi + 1) * cg])
         if pointwise:
             cols = xg.reshape(n, cg, h * wd)
         else:
             cols = np.empty((n, k, ho * wo), dtype=np.float32 if x.itemsize == 1 else np.float64)
-            _im2col_kernel(np.ascontiguousarray(xg), int(x_zp), kh, kw, sh, sw, pt, pl, dh, dw, ho, wo, cols)
-        parts.append(exact_matmul(w[gi * og:(gi + 1) * og].reshape(og, k), cols, w.dtype, x.dtype))
-    acc = np.concatenate(parts, axis=1).reshape(n, o, ho, wo)
-    if out is None:
-        return acc.astype(np.int64) + offset.reshape(1, o, 1, 1)
-    return out.apply_numba(acc, offset)
+            _im2col_kernel(xg, int(x_zp), kh, kw, sh, sw, pt, pl, dh, dw, ho, wo, cols)
+        channels = slice(gi * og, (gi + 1) * og)
+        groups.append(gemm_requant(cols, x.dtype, w[channels].reshape(og, k), offset[channels],
+                                   out and out.channels(channels)))
+    return (groups[0] if g == 1 else np.concatenate(groups, axis=1)).reshape(n, o, ho, wo)
 
 
 @dataclass

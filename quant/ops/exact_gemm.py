@@ -45,23 +45,6 @@ def zero_point_offset(bias: np.ndarray, x_zp: int, w2d: np.ndarray) -> np.ndarra
     return offset - int(x_zp) * _row_sums(np.ascontiguousarray(w2d)) if x_zp else offset
 
 
-def exact_matmul(a: np.ndarray, b: np.ndarray, a_dtype, b_dtype) -> np.ndarray:
-    """``a @ b`` over the last axis of ``a`` / second-to-last of ``b``, for integer-valued arrays.
-
-    ``a_dtype``/``b_dtype`` are the integer types the values come from (they bound the products).
-    Returns float32 or float64 holding the exact integer result.
-    """
-    k = a.shape[-1]
-    dtype, chunk = exact_float_chunks(k, a_dtype, b_dtype)
-    a, b = a.astype(dtype, copy=False), b.astype(dtype, copy=False)
-    if chunk == k:
-        return np.matmul(a, b)
-    total = np.matmul(a[..., :chunk], b[..., :chunk, :]).astype(np.float64)
-    for start in range(chunk, k, chunk):
-        total += np.matmul(a[..., start:start + chunk], b[..., start:start + chunk, :])
-    return total
-
-
 def exact_float_chunks(k: int, a_dtype, b_dtype) -> tuple[type, int]:
     """The float type and reduction chunk length in which a ``k``-term integer dot product is exact."""
     product_bound = largest_magnitude(a_dtype) * largest_magnitude(b_dtype)
