@@ -147,7 +147,9 @@ def markdown(result: dict) -> str:
         lines += ["### Sweep: the same grid on three executors", "",
                   f"{sweep['runs']} training runs (small CNN, MNIST, TraDy and last-layer, 2 seeds), "
                   f"{sweep['date']}, load {sweep['load'][0]} -> {sweep['load'][1]}, after an untimed warm-up run that "
-                  "fills numba's kernel cache and the data and RGN caches.", "",
+                  "fills numba's kernel cache and the data and RGN caches. The serial process runs numba's kernels on "
+                  "every core; each worker of the other two runs them on its share (one core here), so the speed-up "
+                  "is that of runs side by side over threads within a run.", "",
                   "| executor | workers | wall s | speed-up vs serial | sum of runs' train s |", "|---|---|---|---|---|",
                   f"| serial (local, 1 process) | 1 | {s['serial']:.0f} | 1.00 | {s['serial_train_seconds']:.0f} |",
                   f"| local processes | 2 | {s['local']:.0f} | {sweep['speedup_local_vs_serial']:.2f} | "
