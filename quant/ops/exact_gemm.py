@@ -173,7 +173,9 @@ def gemm_requant(x3: np.ndarray, x_dtype, w: np.ndarray, offset: np.ndarray, out
     result = np.empty((n, o, s), dtype=spec.dtype)
     tasks = 4 * numba.get_num_threads()
     tile = int(min(256, max(16, -(-n * s // tasks))))
-    block = -(-o // min(-(-tasks // -(-n * s // tile)), -(-o // 32)))  # split outputs if tiles are too few
+    n_tiles = -(-n * s // tile)
+    n_blocks = min(-(-tasks // n_tiles), -(-o // 32))  # outputs split (>= 32 a block) when tiles are too few
+    block = -(-o // n_blocks)
     rq = spec.requant
     _gemm_requant_kernel(np.ascontiguousarray(x3), w3, offset.astype(np.int64), rq.float32, rq.mantissa, rq.shift,
                          int(spec.zero_point), int(spec.qmin), int(spec.qmax), spec.mode == "half_even",
