@@ -151,30 +151,11 @@ def round_divide(numerator: np.ndarray, denominator: int | np.ndarray, mode: str
 # ---- numba twins of the functions above (same formulas, element by element) -------------------------
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def requantize_scalar(a, m, mant, sh, half, zero_point, qmin, qmax, lo, hi, half_even):
-    """One accumulator -> one output integer: the numba form of :func:`requantize` (shared by kernels)."""
-    if half_even:
-        v = min(max(np.float32(a) * m, lo), hi)
-        return np.int64(np.rint(v)) + zero_point
+def requantize_scalar(a, mant, sh, half, zero_point, qmin, qmax):
+    """``half_away`` for one int64 accumulator ``a``: the integer-only formula of :func:`requantize`."""
     p = a * mant
     q = -((-p + half) >> sh) if p < 0 else (p + half) >> sh
     return min(max(q + zero_point, qmin), qmax)
-
-
-@numba.njit(cache=True, nogil=True, parallel=True)
-def _requantize_kernel(acc3, offset, f32, mantissa, shift, zero_point, qmin, qmax, half_even, out3):
-    n_batch, n_chan, n_space = acc3.shape
-    per_channel = f32.shape[0] > 1
-    lo = np.float32(qmin - zero_point)
-    hi = np.float32(qmax - zero_point)
-    for bc in numba.prange(n_batch * n_chan):
-        b, c = bc // n_chan, bc % n_chan
-        k = c if per_channel else 0
-        m, mant, sh, off = f32[k], mantissa[k], shift[k], offset[c]
-        half = np.int64(1) << (sh - 1)
-        for s in range(n_space):
-            a = np.int64(acc3[b, c, s]) + off
-            out3[b, c, s] = requantize_scalar(a, m, mant, sh, half, zero_point, qmin, qmax, lo, hi, half_even)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -189,11 +170,11 @@ def requantize_float_scalar(a, offset, m, zero_point, lo, hi):
 
 @numba.njit(cache=True, nogil=True)
 def store_accumulators(acc, count, off, m, mant, shf, zero_point, qmin, qmax, half_even, requantize_out, out):
-    """The outputs of a fused kernel for one channel: ``out[:count]`` = the exact accumulators ``acc[:count]``
-    (held in floats) plus the channel's ``offset``, requantized in the layer's rounding mode, or the int64
-    sums when the caller asked for accumulators (``requantize_out`` False). The formula is chosen once,
-    outside three plain loops: a branch inside the loop keeps it from vectorizing (6x slower over a
-    depthwise conv's outputs, measured)."""
+    """The outputs of one channel: ``out[:count]`` = the exact accumulators ``acc[:count]`` (integers, or
+    integers held in floats by the fused kernels) plus the channel's ``offset``, requantized in the layer's
+    rounding mode, or the int64 sums when the caller asked for accumulators (``requantize_out`` False). The
+    formula is chosen once, outside three plain loops: a branch inside the loop keeps it from vectorizing
+    (6x slower over a depthwise conv's outputs, measured)."""
     if not requantize_out:
         for q in range(count):
             out[q] = np.int64(acc[q]) + off
@@ -204,19 +185,18 @@ def store_accumulators(acc, count, off, m, mant, shf, zero_point, qmin, qmax, ha
     else:
         half = np.int64(1) << (shf - 1)
         for q in range(count):
-            out[q] = requantize_scalar(np.int64(acc[q]) + off, m, mant, shf, half, zero_point, qmin, qmax,
-                                       np.float32(0), np.float32(0), False)
+            out[q] = requantize_scalar(np.int64(acc[q]) + off, mant, shf, half, zero_point, qmin, qmax)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _requantize_float_kernel(acc3, offset, f32, zero_point, lo, hi, out3):
+def _requantize_kernel(acc3, offset, f32, mantissa, shift, zero_point, qmin, qmax, half_even, out3):
     n_batch, n_chan, n_space = acc3.shape
     per_channel = f32.shape[0] > 1
     for bc in numba.prange(n_batch * n_chan):
         b, c = bc // n_chan, bc % n_chan
-        m, off = f32[c if per_channel else 0], np.float64(offset[c])
-        for s in range(n_space):
-            out3[b, c, s] = requantize_float_scalar(acc3[b, c, s], off, m, zero_point, lo, hi)
+        k = c if per_channel else 0
+        store_accumulators(acc3[b, c], n_space, offset[c], f32[k], mantissa[k], shift[k], zero_point, qmin, qmax,
+                           half_even, True, out3[b, c])
 
 
 def requantize_numba(acc: np.ndarray, rq: Requant, zero_point: int, qmin: int, qmax: int, mode: str,
@@ -227,12 +207,8 @@ def requantize_numba(acc: np.ndarray, rq: Requant, zero_point: int, qmin: int, q
     if offset is None:
         offset = np.zeros(acc3.shape[1], np.int64)
     out = np.empty(acc3.shape, dtype=out_dtype)
-    if mode == "half_even" and acc3.dtype.kind == "f":
-        _requantize_float_kernel(acc3, offset.astype(np.int64), rq.float32, np.int32(zero_point),
-                                 np.float32(qmin - zero_point), np.float32(qmax - zero_point), out)
-    else:
-        _requantize_kernel(acc3, offset.astype(np.int64), rq.float32, rq.mantissa, rq.shift, int(zero_point),
-                           int(qmin), int(qmax), mode == "half_even", out)
+    _requantize_kernel(acc3, offset.astype(np.int64), rq.float32, rq.mantissa, rq.shift, int(zero_point), int(qmin),
+                       int(qmax), mode == "half_even", out)
     return out.reshape(acc.shape)
 
 

@@ -107,13 +107,13 @@ def _pad_plane(plane, pt, pl, sh, sw, wq, rows, cols, row0, xp):
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _depthwise_kernel(x, x_zp, w, kh, kw, offset, sh, sw, pt, pl, dh, dw, f32, mantissa, shift, zero_point, qmin,
-                      qmax, half_even, requantize_out, stack, stages, out):
+def _depthwise_kernel(x, x_zp, w, kh, kw, offset, sh, sw, pt, pl, dh, dw, hq, wq, f32, mantissa, shift, zero_point,
+                      qmin, qmax, half_even, requantize_out, stack, stages, out):
     """Depthwise conv, one channel of ``stack`` images at a time, each of ``n_tasks`` tasks reusing its buffers.
 
     ``w`` is (channels, kh * kw), in a float type in which sums of kh*kw products are exact (see exact_gemm).
     The images' planes of one channel are padded into one buffer of that type, one under the other, split
-    into stride phases of row pitch ``wq`` (see :func:`_pad_plane`). Each tap then adds ``w[c, tap] * phase``
+    into stride phases of ``hq`` rows of pitch ``wq`` (see :func:`_pad_plane`). Each tap then adds ``w[c, tap] * phase``
     shifted by the tap's offset over all the stacked outputs in one contiguous loop, output rows laid out at
     pitch ``wq`` too (the few columns past the output width, and the rows between two images, are computed
     and dropped): long contiguous float multiply-adds vectorize, and numba's int8 ones (promoted to int64)
@@ -124,7 +124,6 @@ def _depthwise_kernel(x, x_zp, w, kh, kw, offset, sh, sw, pt, pl, dh, dw, f32, m
     """
     n_batch, n_chan, h, wd = x.shape
     ho, wo = out.shape[2], out.shape[3]
-    hq, wq = ho + ((kh - 1) * dh) // sh, wo + ((kw - 1) * dw) // sw
     rows, cols = _phase_ranges(pt, h, sh, hq), _phase_ranges(pl, wd, sw, wq)
     tap_phase, tap_start = np.empty(kh * kw, np.int64), np.empty(kh * kw, np.int64)
     for i in range(kh):
@@ -190,12 +189,13 @@ def _depthwise(x, x_zp, w, offset, geometry, ho, wo, out):
     spec = out or ACCUMULATOR_SPEC
     result = np.empty((x.shape[0], w.shape[0], ho, wo), dtype=spec.dtype)
     rq = spec.requant
+    # phase rows and columns: the outputs plus the kernel's reach, in strides
     hq, wq = ho + ((w.shape[2] - 1) * dh) // sh, wo + ((w.shape[3] - 1) * dw) // sw
     stack = max(1, min(x.shape[0], STACKED_ELEMENTS // (hq * wq)))
     n_tasks = min(-(-x.shape[0] // stack) * w.shape[0], 8 * numba.get_num_threads())
     stages = np.empty((n_tasks, stack * hq * wq), np.int64 if out is None else np.int32)  # outputs before storing
     _depthwise_kernel(x, x_zp, w.reshape(w.shape[0], -1).astype(exact), w.shape[2], w.shape[3], offset, sh, sw,
-                      pt, pl, dh, dw, rq.float32, rq.mantissa, rq.shift, int(spec.zero_point), int(spec.qmin),
+                      pt, pl, dh, dw, hq, wq, rq.float32, rq.mantissa, rq.shift, int(spec.zero_point), int(spec.qmin),
                       int(spec.qmax), spec.mode == "half_even", out is not None, stack, stages, result)
     return result
 

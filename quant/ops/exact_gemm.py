@@ -81,7 +81,6 @@ def _single_threaded_scipy_blas() -> None:
                 break
 
 
-
 @numba.njit(cache=True, nogil=True)
 def _gather_tile(x3, g0, g1, cols):
     """cols[k, g - g0] = x3[b, k, j] for the flattened columns g = b * s + j in [g0, g1), as floats."""
