@@ -20,8 +20,7 @@ import onnxruntime as ort
 from fwdgrad.data.photos import real_photos
 from fwdgrad.models.zoo import model_onnx
 from quant.convert import convert
-from quant.backends import get_backend
-from quant.export import ExportError, export, export_segment, live_tensors
+from quant.export import ExportError, export, qdq_nodes_against_engine
 from quant.tensor import quantize
 
 LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
@@ -45,16 +44,9 @@ def onnxruntime_logits(model, level: str, x: np.ndarray, graph, batch_size: int 
 def node_by_node(graph, x: np.ndarray) -> tuple[int, int, int, int]:
     """(outputs differing, outputs, largest difference, nodes with a difference) of the qdq file's nodes
     run one at a time in onnxruntime on the engine's own input integers, against the engine's outputs."""
-    env, kernels = {graph.input_name: graph.quantize_input(x)}, get_backend("numba")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = LEVELS["basic"]
     differing = total = largest = nodes = 0
-    for i, node in enumerate(graph.nodes):
-        inputs = {t: env[t] for t in live_tensors(graph, i)}
-        env[node.output] = node.run(kernels, [env[t] for t in node.inputs], graph.rounding)
-        model = export_segment(graph, i, i + 1, {t: v.shape for t, v in inputs.items()}, "qdq")
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        steps = np.abs(session.run([node.output], inputs)[0].astype(np.int64) - env[node.output])
+    for _, _, theirs, ours in qdq_nodes_against_engine(graph, x):
+        steps = np.abs(theirs.astype(np.int64) - ours)
         differing, total = differing + np.count_nonzero(steps), total + steps.size
         largest, nodes = max(largest, int(steps.max())), nodes + bool(steps.any())
     return differing, total, largest, nodes

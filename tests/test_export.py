@@ -12,8 +12,7 @@ from fwdgrad.cli import main
 from fwdgrad.config import TrainConfig
 from fwdgrad.trainer import Trainer, TrainData
 from quant.convert import BIT_CONFIGS, convert
-from quant.backends import get_backend
-from quant.export import ExportError, export, export_segment, live_tensors
+from quant.export import ExportError, export, qdq_nodes_against_engine
 from quant.graph import QGraph
 from quant.ops import Node, QAdd, QAvgPool, QConcat, QConv, QLinear, QMaxPool, QReshape
 from quant.tensor import QParams, quantize, weight_params
@@ -170,16 +169,11 @@ def test_qdq_differs_from_the_engine_only_at_float_near_ties(graphs, residual_ne
     are these flips propagated.)"""
     _, x, _, _ = residual_net
     graph = graphs[bits]
-    env, kernels = {graph.input_name: graph.quantize_input(x[:64])}, get_backend("numba")
     differing = total = 0
-    for i, node in enumerate(graph.nodes):
-        inputs = {t: env[t] for t in live_tensors(graph, i)}
-        env[node.output] = node.run(kernels, [env[t] for t in node.inputs], graph.rounding)
-        model = export_segment(graph, i, i + 1, {t: v.shape for t, v in inputs.items()}, "qdq")
+    for node, model, theirs, ours in qdq_nodes_against_engine(graph, x[:64]):
         onnx.checker.check_model(model, full_check=True)
-        theirs = session(model).run([node.output], inputs)[0]
-        assert theirs.dtype == env[node.output].dtype
-        steps = np.abs(theirs.astype(np.int64) - env[node.output])
+        assert theirs.dtype == ours.dtype
+        steps = np.abs(theirs.astype(np.int64) - ours)
         assert steps.max() <= 1, node.name
         differing, total = differing + np.count_nonzero(steps), total + steps.size
     assert differing / total < 1e-3

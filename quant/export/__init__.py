@@ -33,7 +33,7 @@ from .operands import Weights
 FORMATS = ("qop", "qdq")
 QOP_OPSET, WIDE_QDQ_OPSET = 13, 21
 
-__all__ = ["FORMATS", "ExportError", "export", "export_segment", "live_tensors"]
+__all__ = ["FORMATS", "ExportError", "export", "export_segment", "live_tensors", "qdq_nodes_against_engine"]
 
 
 def live_tensors(graph: QGraph, index: int) -> list[str]:
@@ -167,3 +167,20 @@ def export_segment(graph: QGraph, first: int, last: int, live_shapes: dict[str, 
     wide = fmt == "qdq" and _has_16_bit_tensors(graph)
     return _model(b, outputs, WIDE_QDQ_OPSET if wide else QOP_OPSET,
                   f"fwdgrad {fmt} segment: nodes {first}..{last - 1} of {graph.bits}")
+
+
+def qdq_nodes_against_engine(graph: QGraph, x: np.ndarray):
+    """For each node: (node, its qdq segment, onnxruntime's integers, the engine's), the segment run in
+    onnxruntime at the basic level on the engine's own input integers for ``x``. Separates the float
+    rounding of one node from its propagation through the graph (docs/export.md)."""
+    import onnxruntime as ort
+
+    env, kernels = {graph.input_name: graph.quantize_input(x)}, get_backend("numba")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    for i, node in enumerate(graph.nodes):
+        inputs = {t: env[t] for t in live_tensors(graph, i)}
+        env[node.output] = node.run(kernels, [env[t] for t in node.inputs], graph.rounding)
+        model = export_segment(graph, i, i + 1, {t: v.shape for t, v in inputs.items()}, "qdq")
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        yield node, model, session.run([node.output], inputs)[0], env[node.output]
