@@ -67,7 +67,7 @@ def onnxruntime_int8(path: Path, calibration: np.ndarray, workdir: Path) -> ort.
     return ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
 
 
-def measure(resolution: int, batches: list[int], min_seconds: float, rounds: int) -> list[dict]:
+def measure(resolution: int, batches: list[int], seconds: float, rounds: int) -> list[dict]:
     path = model_onnx("mobilenetv2", resolution=resolution)
     x = real_photos(max(batches), resolution, seed=0)
     calibration = real_photos(32, resolution, seed=1)
@@ -85,7 +85,7 @@ def measure(resolution: int, batches: list[int], min_seconds: float, rounds: int
                     "onnxruntime int8": lambda b: int8_session.run(None, {"input": b}),
                     "onnxruntime float32": lambda b: float_session.run(None, {"input": b}),
                     "pytorch float32": lambda b: net(torch.from_numpy(b)),
-                }, x, batch, min_seconds, rounds)
+                }, x, batch, seconds, rounds)
             rows.append({"resolution": resolution, "batch": batch, **speeds})
             print(rows[-1])
     return rows
