@@ -10,6 +10,7 @@ from pathlib import Path
 
 from quant.convert import parse_bits
 from quant.fixedpoint import check_rounding
+from quant.tensor import check_scales
 
 from .estimators import ESTIMATORS
 from .perturb import DISTRIBUTIONS, SPACES
@@ -41,6 +42,7 @@ class TrainConfig:
     resolution: int = 0  # model input size; 0 = the model's default (28 small-cnn, 96 mobilenetv2)
     bits: str = "w16a8"
     rounding: str = "half_even"
+    scales: str = "float"  # "pow2": every scale a power of two (shift-only requantization, exact qdq export)
     estimator: str = "spsa"
     selection: str = "trady"
     budget: str = "8KB"
@@ -74,6 +76,7 @@ class TrainConfig:
     def __post_init__(self):
         parse_bits(self.bits)
         check_rounding(self.rounding)
+        check_scales(self.scales)
         parse_bytes(self.budget)
         for name, value, allowed in (("method", self.method, TRAINING_METHODS),
                                      ("estimator", self.estimator, ESTIMATORS), ("selection", self.selection, METHODS),

@@ -25,7 +25,7 @@ from .backends import get_backend
 from .graph import QGraph, check_input_shape
 from .ops.base import WeightedNode
 from .ops import ConvGeometry, PoolGeometry, QAdd, QAvgPool, QClamp, QConcat, QConv, QLinear, QMaxPool, QReshape
-from .tensor import QParams, activation_params, dequantize, quantize, weight_params
+from .tensor import QParams, activation_params, check_scales, dequantize, quantize, weight_params
 
 SUPPORTED_OPS = ("Conv", "BatchNormalization (after Conv)", "Gemm", "MatMul (+ Add of a constant)", "Add", "Relu",
                  "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean (spatial)", "Flatten",
@@ -301,7 +301,7 @@ class Calibration:
 
 def calibrate(model: onnx.ModelProto, tensors: list[str], data: np.ndarray, method: str = "minmax",
               percentile: float = 99.99, batch_size: int = 32, seed: int = 0,
-              mean_tensors: tuple[str, ...] = (), bits: int = 8) -> Calibration:
+              mean_tensors: tuple[str, ...] = (), bits: int = 8, scales: str = "float") -> Calibration:
     """Statistics of the float model over ``data``, from onnxruntime: ranges of ``tensors``, and the
     per-channel means of ``mean_tensors`` (what bias correction matches)."""
     import onnxruntime as ort
@@ -345,18 +345,18 @@ def calibrate(model: onnx.ModelProto, tensors: list[str], data: np.ndarray, meth
     if method == "minmax":
         ranges = {t: (lows[t], highs[t]) for t in tensors}
     elif method == "mse":
-        ranges = {t: _mse_range(np.concatenate(samples[t]), lows[t], highs[t], bits) for t in tensors}
+        ranges = {t: _mse_range(np.concatenate(samples[t]), lows[t], highs[t], bits, scales) for t in tensors}
     else:
         ranges = {t: tuple(np.percentile(np.concatenate(samples[t]), [100 - percentile, percentile]).tolist())
                   for t in tensors}
     return Calibration(ranges, {t: sums[t] / counts[t] for t in mean_tensors})
 
 
-def _mse_range(values: np.ndarray, lo: float, hi: float, bits: int) -> tuple[float, float]:
+def _mse_range(values: np.ndarray, lo: float, hi: float, bits: int, scales: str) -> tuple[float, float]:
     """The shrink of [lo, hi] whose quantization (rounding + clipping) error on ``values`` is smallest."""
     best, best_err = (lo, hi), np.inf
     for shrink in np.linspace(0.3, 1.0, 36):
-        params = activation_params(lo * shrink, hi * shrink, bits)
+        params = activation_params(lo * shrink, hi * shrink, bits, scales)
         err = np.mean((dequantize(quantize(values, params), params) - values) ** 2)
         if err < best_err:
             best, best_err = (lo * shrink, hi * shrink), err
@@ -380,8 +380,8 @@ def _clamp_bounds(params: QParams, act: tuple[float, float] | None) -> tuple[int
     return lo, hi
 
 
-def _quantize_weighted(layer: FloatLayer, in_params: QParams, out_params: QParams, wbits: int):
-    w_params = weight_params(layer.weight, wbits, axis=0)
+def _quantize_weighted(layer: FloatLayer, in_params: QParams, out_params: QParams, wbits: int, scales: str):
+    w_params = weight_params(layer.weight, wbits, axis=0, scales=scales)
     weight = quantize(layer.weight, w_params)
     wide = in_params.bits > 8 or wbits > 8
     bias_scale = np.float32(in_params.scale) * w_params.scale
@@ -421,24 +421,26 @@ def correct_biases(graph: QGraph, data: np.ndarray, float_means: dict[str, np.nd
 
 def convert(model: str | Path | onnx.ModelProto, calibration_data: np.ndarray, *, bits: str = "w8a8",
             rounding: str = "half_even", calibration: str = "minmax", percentile: float = 99.99,
-            bias_correction: bool = True, batch_size: int = 32) -> QGraph:
-    """Quantize a float ONNX model into a QGraph (post-training quantization)."""
+            bias_correction: bool = True, batch_size: int = 32, scales: str = "float") -> QGraph:
+    """Quantize a float ONNX model into a QGraph (post-training quantization); ``scales="pow2"`` rounds every
+    scale up to a power of two (shift-only requantization, see quant.tensor)."""
     wbits, abits = parse_bits(bits)
     check_rounding(rounding)
+    check_scales(scales)
     proto = load_model(model)
     layers, input_name, output_name = lower(proto)
     weighted = [l for l in layers if l.kind in ("conv", "linear")]
     stats = calibrate(proto, [input_name] + [l.output for l in layers if l.calibrated], calibration_data,
                       calibration, percentile, batch_size,
-                      mean_tensors=[l.pre_act for l in weighted] if bias_correction else (), bits=abits)
+                      mean_tensors=[l.pre_act for l in weighted] if bias_correction else (), bits=abits, scales=scales)
     ranges = stats.ranges
-    params = {input_name: activation_params(*ranges[input_name], abits)}
+    params = {input_name: activation_params(*ranges[input_name], abits, scales)}
     nodes = []
     for layer in layers:
         ins = [params[t] for t in layer.inputs]
-        out = activation_params(*ranges[layer.output], abits) if layer.calibrated else ins[0]
+        out = activation_params(*ranges[layer.output], abits, scales) if layer.calibrated else ins[0]
         if layer.kind in ("conv", "linear"):
-            node = _quantize_weighted(layer, ins[0], out, wbits)
+            node = _quantize_weighted(layer, ins[0], out, wbits, scales)
         elif layer.kind == "add":
             node = QAdd(layer.name, layer.inputs, layer.output, out, a_params=ins[0], b_params=ins[1],
                         clamp=_clamp_bounds(out, layer.act))
@@ -454,7 +456,7 @@ def convert(model: str | Path | onnx.ModelProto, calibration_data: np.ndarray, *
             node = QConcat(layer.name, layer.inputs, layer.output, out, in_params=ins, axis=layer.attrs["axis"])
         params[layer.output] = out
         nodes.append(node)
-    metadata = {"calibration": calibration, "calibration_samples": int(len(calibration_data)),
+    metadata = {"scales": scales, "calibration": calibration, "calibration_samples": int(len(calibration_data)),
                 "bias_correction": bias_correction, "input_shape": input_shape(proto)}
     graph = QGraph(nodes, input_name, params[input_name], output_name, rounding, bits, metadata)
     if bias_correction:

@@ -5,6 +5,11 @@ Conventions (TFLite's, so models map onto MCU/NPU kernels directly):
   [-32767, 32767]); one scale per output channel;
 - activations: int8 asymmetric (zero point in [-128, 127]), or int16 symmetric (zero point 0), one scale;
 - biases: int32 (int64 when an operand is 16-bit) at scale s_x * s_w[c].
+
+Scales are any positive float (``float``, what TFLite and onnxruntime use), or powers of two (``pow2``,
+the Q-format of fixed-point DSPs, CMSIS-NN's legacy q7/q15 kernels and shift-only NPUs): then every
+requantization multiplier is a power of two, i.e. a shift, and float arithmetic on dequantized values
+(a qdq ONNX file) is exact, so it lands on the engine's integers.
 """
 from __future__ import annotations
 
@@ -13,6 +18,28 @@ from dataclasses import dataclass, field
 import numpy as np
 
 INT_DTYPES = {8: np.int8, 16: np.int16, 32: np.int32, 64: np.int64}
+SCALE_KINDS = ("float", "pow2")
+
+
+def check_scales(scales: str) -> str:
+    if scales not in SCALE_KINDS:
+        raise ValueError(f"unknown scales {scales!r}: use 'float' (any scale) or 'pow2' (powers of two, shift-only "
+                         f"requantization)")
+    return scales
+
+
+def scales_kind(*params: "QParams") -> str:
+    """``pow2`` if every scale of ``params`` is a power of two, else ``float``."""
+    mantissas = [np.frexp(np.asarray(p.scale, np.float64))[0] for p in params]
+    return "pow2" if all(np.all(m == 0.5) for m in mantissas) else "float"
+
+
+def _as_scale(scale, scales: str):
+    """``scale``, or with ``pow2`` the smallest power of two at least as large (so the range still fits:
+    coarser by at most one bit, never clipped)."""
+    if check_scales(scales) == "float":
+        return scale
+    return np.exp2(np.ceil(np.log2(scale)))
 
 
 def storage_dtype(bits: int) -> type:
@@ -60,26 +87,26 @@ class QParams:
                 and self.scale.shape == other.scale.shape and np.array_equal(self.scale, other.scale))
 
 
-def activation_params(lo: float, hi: float, bits: int) -> QParams:
+def activation_params(lo: float, hi: float, bits: int, scales: str = "float") -> QParams:
     """Params covering the real range [lo, hi] (widened to include 0, so padding is exact)."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise ValueError(f"activation range [{lo}, {hi}] is not finite: check the calibration data for NaN/inf")
     if bits == 16:  # TFLite 16x8: symmetric int16 activations
-        return QParams(max(-lo, hi, 1e-8) / 32767.0, 0, 16)
+        return QParams(float(_as_scale(max(-lo, hi, 1e-8) / 32767.0, scales)), 0, 16)
     if bits != 8:
         raise ValueError(f"activations are 8 or 16 bits, got {bits}")
-    scale = max(hi - lo, 1e-8) / 255.0
+    scale = float(_as_scale(max(hi - lo, 1e-8) / 255.0, scales))
     zero_point = int(np.clip(np.rint(-128 - lo / scale), -128, 127))
     return QParams(scale, zero_point, 8)
 
 
-def weight_params(w: np.ndarray, bits: int, axis: int = 0) -> QParams:
+def weight_params(w: np.ndarray, bits: int, axis: int = 0, scales: str = "float") -> QParams:
     """Symmetric per-output-channel params for a weight tensor."""
     reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
     absmax = np.max(np.abs(w), axis=reduce_axes) if w.ndim > 1 else np.abs(w)
     qmax = (1 << (bits - 1)) - 1
-    scale = np.where(absmax > 0, absmax / qmax, 1.0)
+    scale = _as_scale(np.where(absmax > 0, absmax / qmax, 1.0), scales)
     return QParams(scale.astype(np.float32), 0, bits, narrow=True, axis=axis)
 
 

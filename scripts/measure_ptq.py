@@ -27,7 +27,8 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "engine.md"
 BEGIN, END = "<!-- measure_ptq:begin -->", "<!-- measure_ptq:end -->"
 CONFIDENT_MARGIN = 1.0  # logits between the float model's first and second class
 
-OURS = [("w8a8", "minmax"), ("w8a8", "mse"), ("w16a8", "minmax"), ("w8a16", "minmax"), ("w16a16", "minmax")]
+OURS = [("w8a8", "minmax", "float"), ("w8a8", "mse", "float"), ("w8a8", "minmax", "pow2"), ("w8a8", "mse", "pow2"),
+        ("w16a8", "minmax", "float"), ("w8a16", "minmax", "float"), ("w16a16", "minmax", "float")]
 
 
 def onnxruntime_logits(path: Path, calibration: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -43,9 +44,10 @@ def measure(resolution: int, images: int, calibration_images: int) -> list[dict]
     reference = float_logits(path, evaluation)
     top2 = np.sort(reference, axis=1)[:, -2:]
     confident = top2[:, 1] - top2[:, 0] >= CONFIDENT_MARGIN
-    candidates = [(f"ours {bits} ({method}, bias correction)",
-                   lambda b=bits, m=method: engine_logits(convert(path, calibration, bits=b, calibration=m),
-                                                          evaluation, label=b)[0]) for bits, method in OURS]
+    candidates = [(f"ours {bits} ({method}, bias correction{', power-of-two scales' if scales == 'pow2' else ''})",
+                   lambda b=bits, m=method, s=scales: engine_logits(
+                       convert(path, calibration, bits=b, calibration=m, scales=s), evaluation, label=b)[0])
+                  for bits, method, scales in OURS]
     candidates.append(("onnxruntime quantize_static int8 (u8/s8, min-max)",
                        lambda: onnxruntime_logits(path, calibration, evaluation)))
     rows = []

@@ -2,9 +2,12 @@
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings, strategies as st
 from onnx import TensorProto, helper
 
 from quant.convert import ModelFormatError, UnsupportedOpError, convert, parse_bits
+from quant.ops import WeightedNode
+from quant.tensor import activation_params, dequantize, quantize, scales_kind, weight_params
 
 BITS = ["w8a8", "w16a8", "w8a16", "w16a16"]
 MIN_SNR_DB = {"w8a8": 25, "w16a8": 25, "w8a16": 35, "w16a16": 40}  # logit SNR: 8-bit logits cap near 30 dB
@@ -36,6 +39,40 @@ def test_quantized_net_tracks_float(residual_net, bits, rounding):
     assert float_top1 >= 0.8  # the trained net really classifies digits
     assert ours_top1 >= float_top1 - 0.03
     assert np.array_equal(graph.forward(test[:40], backend="numpy"), graph.forward(test[:40], backend="numba"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(-1e4, 0), st.floats(1e-3, 1e4), st.sampled_from([8, 16]))
+def test_power_of_two_activation_scales_cover_the_range(lo, hi, bits):
+    """At most one bit coarser than the float scale, and the calibrated range still fits (within a step)."""
+    exact, pow2 = activation_params(lo, hi, bits), activation_params(lo, hi, bits, "pow2")
+    assert scales_kind(pow2) == "pow2" and 1 <= pow2.scale / exact.scale < 2
+    ends = np.array([lo, hi], np.float32)
+    assert np.all(np.abs(dequantize(quantize(ends, pow2), pow2) - ends) <= pow2.scale)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 20), st.floats(-30, 30), st.sampled_from([8, 16]), st.integers(0, 2 ** 32 - 1))
+def test_power_of_two_weight_scales_never_clip(channels, k, log_magnitude, bits, seed):
+    w = (np.random.default_rng(seed).normal(size=(channels, k)) * 2.0 ** log_magnitude).astype(np.float32)
+    exact, pow2 = weight_params(w, bits), weight_params(w, bits, scales="pow2")
+    assert scales_kind(pow2) == "pow2" and np.all(pow2.scale >= exact.scale) and np.all(pow2.scale < 2 * exact.scale)
+    assert np.all(np.abs(w) / pow2.scale[:, None] <= pow2.qmax)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_power_of_two_scales_make_requantization_a_shift(residual_net, bits):
+    net, x, _, proto = residual_net
+    graph = convert(proto, x[:200], bits=bits, scales="pow2")
+    assert graph.metadata["scales"] == "pow2"
+    params = [graph.input_params] + [n.out_params for n in graph.nodes] + [n.w_params for n in graph.weighted_nodes()]
+    assert scales_kind(*params) == "pow2"
+    assert all(np.all(np.frexp(n.requant.float32)[0] == 0.5) for n in graph.nodes if isinstance(n, WeightedNode))
+    ref, ours = float_logits(net, x[1500:]), graph.forward_float(x[1500:])
+    assert (ref.argmax(1) == ours.argmax(1)).mean() >= 0.95
+    assert np.array_equal(graph.forward(x[1500:1540], backend="numpy"), graph.forward(x[1500:1540], backend="numba"))
+    with pytest.raises(ValueError, match="unknown scales 'log'.*pow2"):
+        convert(proto, x[:200], scales="log")
 
 
 def test_percentile_calibration(residual_net):
