@@ -47,7 +47,7 @@ def _cmd_quantize(args) -> int:
     evaluation = np.load(args.evaluate) if args.evaluate else data
     options = {"calibration": args.method} if args.method else {}
     results = ptq_report(args.model, data, evaluation, args.bits, backend=args.backend, rounding=args.rounding,
-                         **options)
+                         scales=args.scales, **options)
     print(format_table(results))
     return 0
 
@@ -185,7 +185,7 @@ def _cmd_verify_onnx(args) -> int:
     from fwdgrad.deploy import verify_onnx
 
     report = verify_onnx(args.model, args.run_dir, args.data, args.samples, args.optimization)
-    print(f"{report['model']} ({report['format']}, {report['bits']}) on {report['samples']} {report['data']} test "
+    print(f"{report['model']} ({report['format']}, {report['bits']}, {report['scales']} scales) on {report['samples']} {report['data']} test "
           f"images, onnxruntime optimization {report['optimization']}:\n"
           f"  top-1 onnxruntime {report['onnxruntime_top1']:.4f}   engine {report['engine_top1']:.4f}   "
           f"agreement {report['top1_agreement']:.4f}\n"
@@ -210,6 +210,7 @@ def _cmd_models(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from quant.convert import CALIBRATION_METHODS
+    from quant.tensor import SCALE_KINDS
 
     parser = argparse.ArgumentParser(prog="fwdgrad", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -237,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--evaluate", help=".npy array of evaluation inputs (default: the calibration data)")
     quantize.add_argument("--bits", nargs="+", default=["w8a8"])
     quantize.add_argument("--rounding", default="half_even", choices=["half_even", "half_away"])
+    quantize.add_argument("--scales", default="float", choices=SCALE_KINDS,
+                          help="pow2: every scale a power of two (shift-only requantization; qdq exports exactly)")
     quantize.add_argument("--method", choices=CALIBRATION_METHODS, help="calibration (default: quant.convert's)")
     quantize.add_argument("--backend", default="numba", choices=["numba", "numpy"])
     quantize.set_defaults(run=_cmd_quantize)

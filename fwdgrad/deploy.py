@@ -138,5 +138,6 @@ def verify_onnx(model_path: str | Path, run: str | Path, data: str | None = None
     x = model_inputs(run.config.model, test.images[:samples], run.sample_shape[-1])
     meta = {p.key: p.value for p in model.metadata_props}
     report = {"model": str(model_path), "run": str(run.path), "data": data or run.config.dataset,
-              "format": meta.get("format"), "bits": meta.get("bits"), "optimization": optimization}
+              "format": meta.get("format"), "bits": meta.get("bits"), "scales": meta.get("scales", "float"),
+              "optimization": optimization}
     return report | compare(session, run.graph, run.weights, x, test.labels[:samples])

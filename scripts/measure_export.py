@@ -8,6 +8,7 @@ by node: each node fed the engine's own integers (basic level), how many of its 
 than the engine's; this separates float rounding in one node from its propagation through the graph.
 
     python scripts/measure_export.py --resolution 224 --images 96 --calibration 128
+    python scripts/measure_export.py --scales pow2    # the same for power-of-two scales
 """
 from __future__ import annotations
 
@@ -59,15 +60,16 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=128)
     parser.add_argument("--bits", nargs="+", default=["w8a8", "w16a8", "w8a16"])
     parser.add_argument("--node-images", type=int, default=16, help="crops for the node-by-node comparison")
+    parser.add_argument("--scales", default="float", choices=["float", "pow2"], help="quantize with these scales")
     args = parser.parse_args()
     path = model_onnx("mobilenetv2", resolution=args.resolution)
     calibration = real_photos(args.calibration, args.resolution, seed=1)
     x = real_photos(args.images, args.resolution, seed=0)
-    print(f"MobileNetV2 {args.resolution}px, {args.images} crops of real photos\n")
+    print(f"MobileNetV2 {args.resolution}px, {args.scales} scales, {args.images} crops of real photos\n")
     print("| bits | format | onnxruntime level | top-1 agreement | max integer difference | logits differing |")
     print("|---|---|---|---|---|---|")
     for bits in args.bits:
-        graph = convert(path, calibration, bits=bits)
+        graph = convert(path, calibration, bits=bits, scales=args.scales)
         ours = np.concatenate([graph.forward(x[i:i + 16]) for i in range(0, len(x), 16)]).astype(np.int64)
         for fmt in ("qop", "qdq"):
             try:
@@ -85,7 +87,8 @@ def main() -> None:
     print("| bits | outputs differing | of | rate | largest difference | nodes with a difference |")
     print("|---|---|---|---|---|---|")
     for bits in args.bits:
-        differing, total, largest, nodes = node_by_node(convert(path, calibration, bits=bits), x[:args.node_images])
+        graph = convert(path, calibration, bits=bits, scales=args.scales)
+        differing, total, largest, nodes = node_by_node(graph, x[:args.node_images])
         print(f"| {bits} | {differing} | {total} | {differing / total:.1e} | {largest} | {nodes} |", flush=True)
 
 

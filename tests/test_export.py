@@ -12,7 +12,7 @@ from fwdgrad.cli import main
 from fwdgrad.config import TrainConfig
 from fwdgrad.trainer import Trainer, TrainData
 from quant.convert import BIT_CONFIGS, convert
-from quant.export import ExportError, export, qdq_nodes_against_engine
+from quant.export import ExportError, export, export_segment, qdq_nodes_against_engine
 from quant.graph import QGraph
 from quant.ops import Node, QAdd, QAvgPool, QConcat, QConv, QLinear, QMaxPool, QReshape
 from quant.tensor import QParams, quantize, weight_params
@@ -20,7 +20,7 @@ from quant.tensor import QParams, quantize, weight_params
 from test_kernels import conv_cases, ints, pool_cases
 
 # the operators docs/export.md promises, and nothing else
-QOP_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "Cast", "Mul", "Add", "Div", "Clip",
+QOP_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "Cast", "Sub", "Mul", "Add", "Div", "Clip",
            "MaxPool", "Reshape", "Concat", "Unsqueeze", "Squeeze", "Identity"}
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "Add", "Clip", "MaxPool", "AveragePool",
            "GlobalAveragePool", "Reshape", "Concat", "Identity"}
@@ -70,6 +70,18 @@ def test_qop_gives_onnxruntime_the_engines_integers(graphs, residual_net, bits):
     assert np.array_equal(logits, graph.forward_float(x, weights=weights))
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta | {"bits": bits, "rounding": "half_even", "format": "qop", "source_model": "residual-net"} == meta
+
+
+@pytest.mark.parametrize("scales", ["float", "pow2"])
+def test_qop_is_exact_at_onnxruntimes_full_optimization_level(residual_net, scales):
+    """What a default onnxruntime session computes: its fusions (QLinearAdd, layout changes) must not touch
+    the integers. Power-of-two scales make exact ties common, where a fused add would round its own way."""
+    _, x, _, proto = residual_net
+    graph = convert(proto, x[:200], scales=scales)
+    weights = perturbed(graph)
+    model = export(graph, (1, 8, 8), "qop", weights)
+    theirs = session(model, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(["logits_int"], {"input": x})[0]
+    assert np.array_equal(theirs, graph.forward(x, weights=weights))
 
 
 def layer_params(rng, w_shape, wbits):
@@ -133,6 +145,22 @@ def test_qop_add_and_concat_are_exact(n, c, hw, same_scale, seed):
     onnxruntime_equals_numba(graph, {t: ints(rng, (n, c, hw, hw), 8) for t in ("a", "b")}, "add")
 
 
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.integers(-8, -2), min_size=3, max_size=3), st.integers(0, 2 ** 32 - 1))
+def test_qop_add_of_power_of_two_scales_is_exact_at_every_optimization_level(exponents, seed):
+    """Power-of-two scales make exact ties common (half of ``a + b / 2``): onnxruntime's full level must not
+    fuse the add into its contrib QLinearAdd, which rounds them its own way."""
+    rng = np.random.default_rng(seed)
+    pa, pb, py = (QParams(2.0 ** e, int(rng.integers(-128, 128)), 8) for e in exponents)
+    graph = QGraph([retagged("a", pa), retagged("b", pb), QAdd("add", ["a", "b"], "y", py, a_params=pa, b_params=pb)],
+                   "x", pa, "y")
+    env = {t: ints(rng, (2, 4, 6, 6), 8) for t in ("a", "b")}
+    model = export_segment(graph, 2, 3, {t: (1, 4, 6, 6) for t in env}, "qop")
+    ours = graph.forward(dict(env), start="add")
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        assert np.array_equal(session(model, level).run(None, env)[0], ours)
+
+
 @settings(max_examples=30, deadline=None)
 @given(pool_cases(), st.integers(0, 2 ** 32 - 1))
 def test_qop_pools_are_exact(case, seed):
@@ -177,6 +205,26 @@ def test_qdq_differs_from_the_engine_only_at_float_near_ties(graphs, residual_ne
         assert steps.max() <= 1, node.name
         differing, total = differing + np.count_nonzero(steps), total + steps.size
     assert differing / total < 1e-3
+
+
+@pytest.mark.parametrize("bits", BIT_CONFIGS)
+def test_qdq_of_power_of_two_scales(residual_net, bits):
+    """With every scale a power of two, the float arithmetic between the quantizers is exact wherever its
+    sums fit float32's 24 bits: the qdq file gives the engine's integers for 8-bit weights and activations,
+    node by node and end to end; wider operands may exceed 2**24 and round."""
+    _, x, _, proto = residual_net
+    graph = convert(proto, x[:200], bits=bits, scales="pow2")
+    weights = perturbed(graph)
+    model = export(graph, (1, 8, 8), "qdq", weights)
+    assert {p.key: p.value for p in model.metadata_props}["scales"] == "pow2"
+    theirs = quantize(session(model).run(["logits"], {"input": x})[0], graph.output_params)
+    ours = graph.forward(x, weights=weights)
+    steps = np.abs(theirs.astype(np.int64) - ours)
+    if bits == "w8a8":
+        assert steps.max() == 0
+        assert all(np.array_equal(t, o) for _, _, t, o in qdq_nodes_against_engine(graph, x[:64]))
+    else:
+        assert np.mean(theirs.argmax(1) == ours.argmax(1)) >= 0.995
 
 
 # ---- what cannot be exported --------------------------------------------------------------------------
@@ -264,31 +312,42 @@ def digits_cnn():
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
+def digits_backbone():
+    return digits_cnn()
+
+
+def train_through_cli(root, backbone, *flags):
     """A short forward-gradient run of that backbone with a new probe head, through the command line."""
     import copy
 
-    root, backbone = tmp_path_factory.mktemp("cli"), digits_cnn()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FWDGRAD_CACHE", str(root / "cache"))
         patch.setattr("fwdgrad.task.backbone", lambda model, width=1.0: copy.deepcopy(backbone))
         assert main(["train", "--model", "small-cnn", "--dataset", "digits", "--bits", "w8a8", "--epochs", "1",
                      "--budget", "1KB", "--m", "2", "--space", "real", "--eps", "0.02", "--lr", "0.01",
-                     "--train-samples", "300", "--test-samples", "200", "--out", str(root / "run")]) == 0
+                     "--train-samples", "300", "--test-samples", "200", "--out", str(root / "run"), *flags]) == 0
     return root / "run"
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, digits_backbone):
+    return train_through_cli(tmp_path_factory.mktemp("cli"), digits_backbone)
+
+
+def export_and_verify(run, fmt, tmp_path, capsys, source=None) -> dict:
+    """``fwdgrad export`` then ``fwdgrad verify-onnx`` on 300 digits: the verification report."""
+    assert main(["export", str(source or run), "--format", fmt, "--out", str(tmp_path / f"{fmt}.onnx")]) == 0
+    assert main(["verify-onnx", str(tmp_path / f"{fmt}.onnx"), "--run", str(run), "--data", "digits",
+                 "--samples", "300", "--json", str(tmp_path / f"{fmt}.json")]) == 0
+    assert "top-1 onnxruntime" in capsys.readouterr().out
+    return json.loads((tmp_path / f"{fmt}.json").read_text())
 
 
 def test_export_and_verify_a_training_run(trained_run, tmp_path, capsys):
     """Round trip: quantize -> train -> export -> onnxruntime's accuracy is the engine's."""
-    reports = {}
-    for fmt, source in (("qop", trained_run), ("qdq", trained_run / "checkpoint")):
-        assert main(["export", str(source), "--format", fmt, "--out", str(tmp_path / f"{fmt}.onnx")]) == 0
-        assert main(["verify-onnx", str(tmp_path / f"{fmt}.onnx"), "--run", str(trained_run), "--data", "digits",
-                     "--samples", "300", "--json", str(tmp_path / f"{fmt}.json")]) == 0
-        assert "top-1 onnxruntime" in capsys.readouterr().out
-        reports[fmt] = json.loads((tmp_path / f"{fmt}.json").read_text())
-    qop, qdq = reports["qop"], reports["qdq"]
-    assert qop["samples"] == 300 and qop["format"] == "qop" and qop["bits"] == "w8a8"
+    qop = export_and_verify(trained_run, "qop", tmp_path, capsys)
+    qdq = export_and_verify(trained_run, "qdq", tmp_path, capsys, source=trained_run / "checkpoint")
+    assert qop["samples"] == 300 and qop["format"] == "qop" and qop["bits"] == "w8a8" and qop["scales"] == "float"
     assert qop["max_integer_difference"] == 0 and qop["top1_agreement"] == 1.0
     assert qop["onnxruntime_top1"] == qop["engine_top1"] > 0.3  # a trained model, not chance (0.1)
     assert qdq["top1_agreement"] >= 0.99 and abs(qdq["onnxruntime_top1"] - qdq["engine_top1"]) <= 0.01
@@ -296,6 +355,15 @@ def test_export_and_verify_a_training_run(trained_run, tmp_path, capsys):
     meta = {p.key: p.value for p in onnx.load(tmp_path / "qop.onnx").metadata_props}
     assert json.loads(meta["training_summary"])["weights_sha256"] == summary["weights_sha256"]
     assert (meta["source_model"], meta["dataset"], meta["bits"]) == ("small-cnn", "digits", "w8a8")
+
+
+def test_a_power_of_two_run_exports_exactly_as_qdq(digits_backbone, tmp_path, capsys):
+    """quantize with --scales pow2 -> train -> export qdq: onnxruntime computes the engine's integers."""
+    run = train_through_cli(tmp_path, digits_backbone, "--scales", "pow2")
+    qdq = export_and_verify(run, "qdq", tmp_path, capsys)
+    assert qdq["max_integer_difference"] == 0 and qdq["top1_agreement"] == 1.0
+    assert qdq["onnxruntime_top1"] == qdq["engine_top1"] > 0.3
+    assert qdq["scales"] == "pow2"
 
 
 def test_bad_files_are_reported(trained_run, tmp_path, capsys):

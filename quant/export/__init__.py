@@ -9,7 +9,9 @@
 
 ``qop`` (see :mod:`.qop`) gives onnxruntime exactly the engine's ``half_even`` integers, for 8-bit
 activations with 8- or 16-bit weights; ``qdq`` (see :mod:`.qdq`) suits converters and any bit width and
-agrees up to float rounding. Only ``ai.onnx`` operators (opset 13, ir_version 8; qdq with 16-bit tensors:
+agrees up to float rounding, which vanishes for w8a8 graphs whose scales are all powers of two
+(``convert(..., scales="pow2")``): then the runtime's float arithmetic between the quantizers is exact.
+The metadata's ``scales`` says which kind the file has. Only ``ai.onnx`` operators (opset 13, ir_version 8; qdq with 16-bit tensors:
 opset 21, ir_version 10), so no contrib ops and onnxruntime 1.31+ loads them.
 
 ``export_segment`` builds the integer-in, integer-out model of a run of nodes: in ``qop`` with every weight
@@ -25,6 +27,7 @@ from onnx import helper
 from ..backends import get_backend
 from ..graph import QGraph
 from ..ops import WeightedNode
+from ..tensor import scales_kind
 
 from . import qdq, qop
 from .builder import ONNX_TYPES, Builder, ExportError
@@ -125,7 +128,8 @@ def export(graph: QGraph, sample_shape: tuple, fmt: str = "qop", weights: dict |
     doc = (f"fwdgrad {graph.bits} {fmt} export. Input 'input': float32 {['N', *sample_shape]} (NCHW). Output "
            f"'logits': float32 {shape}" + (f"; 'logits_int': int8 {shape}, the integer logits" if fmt == "qop" else ""))
     model = _model(b, outputs, opset, doc)
-    props = {"bits": graph.bits, "rounding": graph.rounding, "format": fmt, "input": "input",
+    every = [graph.input_params] + [n.out_params for n in graph.nodes] + [n.w_params for n in graph.weighted_nodes()]
+    props = {"bits": graph.bits, "rounding": graph.rounding, "scales": scales_kind(*every), "format": fmt, "input": "input",
              "outputs": "logits,logits_int" if fmt == "qop" else "logits"}
     helper.set_model_props(model, {k: str(v) for k, v in (props | (metadata or {})).items()})
     return model

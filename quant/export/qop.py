@@ -11,8 +11,8 @@ of its integer output. Every pattern is exact, for these reasons:
   (x shifted to uint8, see :func:`_split_conv`), summed exactly in float64 and rounded once to float32,
   then multiplied by the engine's float32 multiplier and rounded by QuantizeLinear (scale 1): the
   engine's wide-accumulator arithmetic step for step.
-- Add is DequantizeLinear -> Add -> QuantizeLinear: the engine's half_even add is defined as that float32
-  arithmetic.
+- Add is ``(x - zp) * s`` of each input (Cast, Sub, Mul: DequantizeLinear's float32 arithmetic) -> Add ->
+  QuantizeLinear: the engine's half_even add is defined as that float32 arithmetic.
 - Average pooling: ConvInteger with a ones kernel sums ``x - zp`` exactly (padding is the zero point), the
   sum (below 2**24, exact in float32) is divided by the tap count in float32, and QuantizeLinear rounds half
   to even. IEEE division is correctly rounded, so a quotient lands on ``k + 1/2`` only when it is exactly
@@ -78,9 +78,18 @@ def _split_conv(b: Builder, node, x: str, w: list[str], bias: str, attrs: dict) 
     return b.round_to_grid(real, node.out_params.zero_point, node.out_params.dtype, hint)
 
 
+def _real_value(b: Builder, x: str, params, hint: str) -> str:
+    """``float32(x - zp) * float32(scale)``: what DequantizeLinear computes, spelled Cast -> Sub -> Mul so that
+    onnxruntime's full optimization level cannot fuse DequantizeLinear -> Add -> QuantizeLinear into its
+    contrib QLinearAdd. That kernel rounds exact ties its own way: with power-of-two scales, where half the
+    sums of an add can be ties, it put 44% of the outputs one step off the engine's (measured)."""
+    centered = b.op("Sub", [b.cast(x, np.float32, hint), b.const(params.zero_point, np.float32, f"{hint}_zero")], hint)
+    return b.op("Mul", [centered, b.const(params.scale, np.float32, f"{hint}_scale")], hint)
+
+
 def add(b: Builder, node: QAdd, xs: list[str], weights: Weights) -> str:
-    a = b.dequantize(xs[0], node.a_params, f"{node.name}_a")
-    c = b.dequantize(xs[1], node.b_params, f"{node.name}_b")
+    a = _real_value(b, xs[0], node.a_params, f"{node.name}_a")
+    c = _real_value(b, xs[1], node.b_params, f"{node.name}_b")
     y = b.quantize(b.op("Add", [a, c], node.name), node.out_params, f"{node.name}_y")
     return b.clip(y, node.clamp, node.out_params, node.name)
 
