@@ -38,17 +38,27 @@ def _cmd_ptq_demo(args) -> int:
 
 
 def _cmd_quantize(args) -> int:
-    """Quantize a float ONNX model with calibration data (.npy) and report against float."""
+    """Quantize a float ONNX model with calibration data (.npy), report it against float, and optionally
+    write it as a qop/qdq ONNX file."""
     import numpy as np
 
     from fwdgrad.ptq import format_table, ptq_report
 
+    if args.out and len(args.bits) != 1:
+        raise ValueError(f"--out writes one model: give one --bits, not {' '.join(args.bits)}")
     data = np.load(args.calibration)
     evaluation = np.load(args.evaluate) if args.evaluate else data
     options = {"calibration": args.method} if args.method else {}
     results = ptq_report(args.model, data, evaluation, args.bits, backend=args.backend, rounding=args.rounding,
                          scales=args.scales, **options)
     print(format_table(results))
+    if args.out:
+        from fwdgrad.deploy import write_onnx
+        from quant.export import export
+
+        model = export(results[0].graph, data.shape[1:], args.format,
+                       metadata={"source_model": Path(args.model).name, "calibration_samples": len(data)})
+        print(f"wrote {write_onnx(model, args.out)}")
     return 0
 
 
@@ -242,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="pow2: every scale a power of two (shift-only requantization; qdq exports exactly)")
     quantize.add_argument("--method", choices=CALIBRATION_METHODS, help="calibration (default: quant.convert's)")
     quantize.add_argument("--backend", default="numba", choices=["numba", "numpy"])
+    quantize.add_argument("--out", help="also write the quantized model here as ONNX (one --bits)")
+    quantize.add_argument("--format", default="qop", choices=["qop", "qdq"], help="ONNX form for --out")
     quantize.set_defaults(run=_cmd_quantize)
 
     train = sub.add_parser("train", help=_cmd_train.__doc__)

@@ -70,7 +70,10 @@ class Run:
 def export_run(run: str | Path, fmt: str, out: str | Path) -> Path:
     """Write the run's trained model as ONNX (``fmt``: qop | qdq)."""
     run = Run.load(run)
-    model = export(run.graph, run.sample_shape, fmt, run.weights, metadata=run.metadata())
+    return write_onnx(export(run.graph, run.sample_shape, fmt, run.weights, metadata=run.metadata()), out)
+
+
+def write_onnx(model: onnx.ModelProto, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, out)

@@ -6,7 +6,7 @@ and reports top-1 agreement and logit SNR per bit width (the numbers behind docs
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import onnxruntime as ort
@@ -25,9 +25,10 @@ class PTQResult:
     images: int
     convert_seconds: float
     engine_images_per_second: float
+    graph: QGraph | None = field(default=None, repr=False, compare=False)  # the quantized model itself
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "graph"}
 
 
 def float_logits(model_path, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -60,7 +61,7 @@ def ptq_report(model_path, calibration: np.ndarray, evaluation: np.ndarray, bits
         engine_logits(graph, evaluation[:16], backend)  # compile/warm up before timing
         logits, speed = engine_logits(graph, evaluation, backend, label=bits)
         results.append(PTQResult(bits, top1_agreement(reference, logits), snr_db(reference, logits),
-                                 len(evaluation), seconds, speed))
+                                 len(evaluation), seconds, speed, graph))
     return results
 
 

@@ -366,6 +366,29 @@ def test_a_power_of_two_run_exports_exactly_as_qdq(digits_backbone, tmp_path, ca
     assert qdq["scales"] == "pow2"
 
 
+@pytest.mark.parametrize("fmt, scales", [("qop", "float"), ("qdq", "pow2")])
+def test_quantize_writes_the_engines_model(residual_net, tmp_path, capsys, fmt, scales):
+    """Post-training quantization straight to a deployable file: onnxruntime computes the engine's integers."""
+    _, x, _, proto = residual_net
+    onnx.save(proto, tmp_path / "float.onnx")
+    np.save(tmp_path / "calib.npy", x[:200])
+    np.save(tmp_path / "test.npy", x[1500:])
+    out = tmp_path / f"{fmt}.onnx"
+    assert main(["quantize", str(tmp_path / "float.onnx"), "--calibration", str(tmp_path / "calib.npy"), "--evaluate",
+                 str(tmp_path / "test.npy"), "--bits", "w8a8", "--scales", scales, "--format", fmt,
+                 "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    graph = convert(proto, x[:200], bits="w8a8", scales=scales)
+    model = onnx.load(out)
+    logits = session(model).run(["logits"], {"input": x[1500:]})[0]
+    assert np.array_equal(quantize(logits, graph.output_params), graph.forward(x[1500:]))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert (meta["format"], meta["scales"], meta["source_model"]) == (fmt, scales, "float.onnx")
+    assert main(["quantize", str(tmp_path / "float.onnx"), "--calibration", str(tmp_path / "calib.npy"),
+                 "--bits", "w8a8", "w16a8", "--out", str(out)]) == 2
+    assert "--out writes one model: give one --bits, not w8a8 w16a8" in capsys.readouterr().err
+
+
 def test_bad_files_are_reported(trained_run, tmp_path, capsys):
     good = tmp_path / "good.onnx"
     assert main(["export", str(trained_run), "--out", str(good)]) == 0
