@@ -75,6 +75,35 @@ def test_power_of_two_scales_make_requantization_a_shift(residual_net, bits):
         convert(proto, x[:200], scales="log")
 
 
+def test_stored_weights_are_packed_once_and_never_stale(residual_net):
+    """The numba kernels keep float packings of a graph's stored (frozen) weights: the integers must be the
+    same as packing afresh, edits in place are refused, new arrays are used at once, and packings go with
+    their arrays."""
+    import gc
+
+    from quant.ops import packing
+
+    _, x, _, proto = residual_net
+    before = len(packing._PACKED)
+    graph = convert(proto, x[:200])
+    nodes = graph.weighted_nodes()
+    fresh = {k: v.copy() for n in nodes for k, v in ((n.weight_key, n.weight), (n.bias_key, n.bias))}  # writable
+    stored = graph.forward(x[:300])
+    assert len(packing._PACKED) > before
+    assert np.array_equal(graph.forward(x[:300]), stored)
+    assert np.array_equal(graph.forward(x[:300], weights=fresh), stored)
+    with pytest.raises(ValueError, match="read-only"):
+        nodes[0].weight[0] = 1
+    for n in nodes:  # new integers by assignment: no packing of the old ones may be used
+        n.weight = (-n.weight.astype(np.int64)).astype(n.weight.dtype)
+    flipped = graph.forward(x[:300])
+    assert not np.array_equal(flipped, stored)
+    assert np.array_equal(flipped, graph.forward(x[:300], backend="numpy"))
+    del graph, nodes, n
+    gc.collect()
+    assert len(packing._PACKED) == before
+
+
 def test_percentile_calibration(residual_net):
     net, x, _, proto = residual_net
     graph = convert(proto, x[:200], calibration="percentile", percentile=99.9)

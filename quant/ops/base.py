@@ -7,6 +7,7 @@ import numpy as np
 
 from ..fixedpoint import OutputSpec, Requant
 from ..tensor import QParams
+from .packing import freeze
 
 
 @dataclass
@@ -30,7 +31,9 @@ class Node:
 class WeightedNode(Node):
     """A node with integer weights and bias: the layers the trainer can perturb and update.
 
-    ``clamp`` is the output integer range after fused activations (ReLU/ReLU6 become clamps).
+    ``clamp`` is the output integer range after fused activations (ReLU/ReLU6 become clamps). ``weight``
+    and ``bias`` are frozen (read-only) when set, so the numba kernels can pack them once (see
+    ops.packing): give a node new integers by assigning new arrays, or pass them as ``weights=`` overrides.
     """
 
     in_params: QParams = None
@@ -39,6 +42,9 @@ class WeightedNode(Node):
     bias: np.ndarray = None
     clamp: tuple[int, int] = None
     requant: Requant = field(init=False)
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, freeze(value) if name in ("weight", "bias") else value)
 
     def __post_init__(self):
         if self.clamp is None:

@@ -17,7 +17,8 @@ import numpy as np
 
 from ..fixedpoint import ACCUMULATOR_SPEC, OutputSpec, store_accumulators
 from .base import WeightedNode
-from .exact_gemm import FLOAT32_EXACT, gemm_requant, largest_magnitude, zero_point_offset
+from .exact_gemm import FLOAT32_EXACT, gemm_requant, gemm_weights, largest_magnitude, zero_point_offset
+from .packing import packed
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,8 @@ def _depthwise(x, x_zp, w, offset, geometry, ho, wo, out):
     stack = max(1, min(x.shape[0], STACKED_ELEMENTS // (hq * wq)))
     n_tasks = min(-(-x.shape[0] // stack) * w.shape[0], 8 * numba.get_num_threads())
     stages = np.empty((n_tasks, stack * hq * wq), np.int64 if out is None else np.int32)  # outputs before storing
-    _depthwise_kernel(x, x_zp, w.reshape(w.shape[0], -1).astype(exact), w.shape[2], w.shape[3], offset, sh, sw,
+    floats = packed(w, ("depthwise", exact), lambda: w.reshape(w.shape[0], -1).astype(exact))
+    _depthwise_kernel(x, x_zp, floats, w.shape[2], w.shape[3], offset, sh, sw,
                       pt, pl, dh, dw, hq, wq, rq.float32, rq.mantissa, rq.shift, int(spec.zero_point), int(spec.qmin),
                       int(spec.qmax), spec.mode == "half_even", out is not None, stack, stages, result)
     return result
@@ -214,7 +216,7 @@ def conv_numba(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray, geomet
     o, cg, kh, kw = w.shape
     ho, wo = geometry.output_hw(h, wd, kh, kw)
     x = np.ascontiguousarray(x)
-    offset = zero_point_offset(bias, x_zp, w.reshape(o, -1))
+    offset = zero_point_offset(bias, x_zp, w)
     if cg == 1 and o == g:
         return _depthwise(x, int(x_zp), w, offset, geometry, ho, wo, out)
     og, k = o // g, cg * kh * kw
@@ -228,8 +230,8 @@ def conv_numba(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray, geomet
             cols = np.empty((n, k, ho * wo), dtype=np.float32 if x.itemsize == 1 else np.float64)
             _im2col_kernel(xg, int(x_zp), kh, kw, sh, sw, pt, pl, dh, dw, ho, wo, cols)
         channels = slice(gi * og, (gi + 1) * og)
-        groups.append(gemm_requant(cols, x.dtype, w[channels].reshape(og, k), offset[channels],
-                                   out and out.channels(channels)))
+        w3 = packed(w, ("gemm", x.dtype, gi), lambda: gemm_weights(w[channels].reshape(og, k), x.dtype))
+        groups.append(gemm_requant(cols, w3, offset[channels], out and out.channels(channels)))
     return (groups[0] if g == 1 else np.concatenate(groups, axis=1)).reshape(n, o, ho, wo)
 
 

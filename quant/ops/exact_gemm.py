@@ -14,6 +14,7 @@ import numba
 import numpy as np
 
 from ..fixedpoint import ACCUMULATOR_SPEC, store_accumulators
+from .packing import packed
 
 FLOAT32_EXACT = 1 << 24
 FLOAT64_EXACT = 1 << 53
@@ -36,13 +37,16 @@ def _row_sums(w2d):
     return sums
 
 
-def zero_point_offset(bias: np.ndarray, x_zp: int, w2d: np.ndarray) -> np.ndarray:
-    """``bias - x_zp * sum_k w[o, k]`` per output ``o``: what the kernels add to ``sum x * w`` on the raw
-    integers to get ``bias + sum (x - x_zp) * w``. Every forward call computes it (the trainer's weights
-    change between calls), so the sums run in numba, without numpy's int64 copy of the weights (a tenth of
-    a batch-1 MobileNetV2 forward, measured)."""
+def zero_point_offset(bias: np.ndarray, x_zp: int, w: np.ndarray) -> np.ndarray:
+    """``bias - x_zp * sum_k w[o, k]`` per output ``o`` (``w`` of any shape, outputs first): what the kernels
+    add to ``sum x * w`` on the raw integers to get ``bias + sum (x - x_zp) * w``. The row sums run in numba,
+    without numpy's int64 copy of the weights (a tenth of a batch-1 MobileNetV2 forward, measured), once
+    for stored weights (see packing)."""
     offset = bias.astype(np.int64)
-    return offset - int(x_zp) * _row_sums(np.ascontiguousarray(w2d)) if x_zp else offset
+    if not x_zp:
+        return offset
+    sums = packed(w, ("row sums",), lambda: _row_sums(np.ascontiguousarray(w.reshape(w.shape[0], -1))))
+    return offset - int(x_zp) * sums
 
 
 def exact_float_chunks(k: int, a_dtype, b_dtype) -> tuple[type, int]:
@@ -151,22 +155,29 @@ def _gemm_requant_kernel(x3, w3, offset, f32, mantissa, shift, zero_point, qmin,
                         qmin, qmax, half_even, requantize_out, out3)
 
 
-def gemm_requant(x3: np.ndarray, x_dtype, w: np.ndarray, offset: np.ndarray, out) -> np.ndarray:
-    """``requantize(w @ x3[b] + offset)`` for every image ``b`` of ``x3`` (N, K, S), exactly, with ``out`` an
-    OutputSpec (None: int64 accumulators). ``x_dtype`` is the integer type of ``x3``'s values (x3 may hold
-    them in floats, e.g. im2col columns). Returns (N, O, S)."""
-    n, k, s = x3.shape
-    o = w.shape[0]
+def gemm_weights(w: np.ndarray, x_dtype) -> np.ndarray:
+    """The integer matrix ``w`` (O, K) as the float chunks :func:`gemm_requant` multiplies: (chunks, O, chunk)
+    in the float type and chunk length that keep products with ``x_dtype`` inputs exact, chunk-major and
+    zero-padded past K."""
+    o, k = w.shape
     dtype, chunk = exact_float_chunks(k, x_dtype, w.dtype)
     n_chunks = -(-k // chunk)
     if n_chunks == 1:
-        w3 = w.astype(dtype)[np.newaxis]
-    else:
-        w3 = np.empty((n_chunks, o, chunk), dtype)  # chunk-major, zero-padded past k: one float copy of w
-        for c in range(n_chunks):
-            width = min(chunk, k - c * chunk)
-            w3[c, :, :width] = w[:, c * chunk:c * chunk + width]
-            w3[c, :, width:] = 0
+        return w.astype(dtype)[np.newaxis]
+    w3 = np.empty((n_chunks, o, chunk), dtype)
+    for c in range(n_chunks):
+        width = min(chunk, k - c * chunk)
+        w3[c, :, :width] = w[:, c * chunk:c * chunk + width]
+        w3[c, :, width:] = 0
+    return w3
+
+
+def gemm_requant(x3: np.ndarray, w3: np.ndarray, offset: np.ndarray, out) -> np.ndarray:
+    """``requantize(w @ x3[b] + offset)`` for every image ``b`` of ``x3`` (N, K, S), exactly, with ``w3`` the
+    weights packed by :func:`gemm_weights` for ``x3``'s integer type (x3 may hold the integers in floats,
+    e.g. im2col columns) and ``out`` an OutputSpec (None: int64 accumulators). Returns (N, O, S)."""
+    n, _, s = x3.shape
+    o = w3.shape[1]
     _single_threaded_scipy_blas()
     spec = out or ACCUMULATOR_SPEC
     result = np.empty((n, o, s), dtype=spec.dtype)

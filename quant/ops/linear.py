@@ -11,7 +11,8 @@ import numpy as np
 
 from .base import WeightedNode
 from ..fixedpoint import OutputSpec
-from .exact_gemm import gemm_requant, zero_point_offset
+from .exact_gemm import gemm_requant, gemm_weights, zero_point_offset
+from .packing import packed
 
 
 def check_linear_shapes(x: np.ndarray, w: np.ndarray) -> None:
@@ -31,8 +32,8 @@ def linear_numba(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray,
                  out: OutputSpec | None = None) -> np.ndarray:
     """Same integers as :func:`linear_reference`, via exact float BLAS on the raw integers."""
     check_linear_shapes(x, w)
-    offset = zero_point_offset(bias, x_zp, w)
-    return gemm_requant(x.reshape(x.shape[0], x.shape[1], 1), x.dtype, w, offset, out)[:, :, 0]
+    w3 = packed(w, ("gemm", x.dtype), lambda: gemm_weights(w, x.dtype))
+    return gemm_requant(x.reshape(x.shape[0], x.shape[1], 1), w3, zero_point_offset(bias, x_zp, w), out)[:, :, 0]
 
 
 @dataclass
