@@ -30,7 +30,7 @@ def _cmd_ptq_demo(args) -> int:
     calibration = real_photos(args.calibration, args.resolution, seed=1)
     evaluation = real_photos(args.images, args.resolution, seed=0)
     print(f"calibrating on {len(calibration)} and evaluating on {len(evaluation)} crops of real photos")
-    results = ptq_report(path, calibration, evaluation, args.bits, backend=args.backend)
+    results = ptq_report(path, calibration, evaluation, args.bits, backend=args.backend, scales=args.scales)
     print(format_table(results))
     if args.out:
         Path(args.out).write_text(json.dumps([r.as_dict() for r in results], indent=2))
@@ -238,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--images", type=int, default=96, help="evaluation crops")
     demo.add_argument("--calibration", type=int, default=128, help="calibration crops")
     demo.add_argument("--bits", nargs="+", default=["w8a8", "w16a8"])
+    demo.add_argument("--scales", default="float", choices=SCALE_KINDS, help="pow2: every scale a power of two")
     demo.add_argument("--backend", default="numba", choices=["numba", "numpy"])
     demo.add_argument("--out", help="also write the results as JSON here")
     demo.set_defaults(run=_cmd_ptq_demo)
