@@ -7,6 +7,7 @@ from quant.backends import get_backend
 from quant.fixedpoint import OutputSpec, Requant
 from quant.ops.add import AddRescale
 from quant.ops.conv import STACKED_ELEMENTS, ConvGeometry
+from quant.ops.packing import freeze
 from quant.ops.pool import PoolGeometry
 from quant.tensor import QParams
 
@@ -56,6 +57,11 @@ def test_conv(case, xbits, wbits, seed):
     assert got.dtype == np.int64 and np.array_equal(got, expected)
     spec = random_output_spec(rng, w_shape[0], xbits > 8 or wbits > 8)
     assert np.array_equal(FAST.conv(x, zp, w, bias, geometry, spec), REF.conv(x, zp, w, bias, geometry, spec))
+    frozen = freeze(w.copy())  # a graph's stored weights: packed on the first call, reused on the second
+    for _ in range(2):
+        assert np.array_equal(FAST.conv(x, zp, frozen, bias, geometry, spec), REF.conv(x, zp, w, bias, geometry, spec))
+    other = x.astype(np.int16) * 3 if xbits == 8 else (x // 256).astype(np.int8)  # same weights, other input type
+    assert np.array_equal(FAST.conv(other, 0, frozen, bias, geometry), REF.conv(other, 0, w, bias, geometry))
 
 
 def test_conv_long_reduction_splits_exactly():
@@ -97,6 +103,9 @@ def test_linear(n, k, o, xbits, wbits, seed):
     assert np.array_equal(FAST.linear(x, zp, w, bias), REF.linear(x, zp, w, bias))
     spec = random_output_spec(rng, o, xbits > 8 or wbits > 8)
     assert np.array_equal(FAST.linear(x, zp, w, bias, spec), REF.linear(x, zp, w, bias, spec))
+    frozen = freeze(w.copy())  # packed once, then reused; the zero point is applied per call
+    for x_zp in (zp, 0):
+        assert np.array_equal(FAST.linear(x, x_zp, frozen, bias, spec), REF.linear(x, x_zp, w, bias, spec))
 
 
 @settings(max_examples=60, deadline=None)
