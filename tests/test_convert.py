@@ -28,7 +28,9 @@ def snr_db(ref, approx):
 @pytest.mark.parametrize("rounding", ["half_even", "half_away"])
 def test_quantized_net_tracks_float(residual_net, bits, rounding):
     net, x, y, proto = residual_net
-    graph = convert(proto, x[:200], bits=bits, rounding=rounding)
+    # Calibrate on the whole training split: with 200 images, held-out activations beyond the calibrated
+    # ranges saturate, and that clipping (not the arithmetic) capped 16-bit SNR at 37 dB for some trained nets.
+    graph = convert(proto, x[:1500], bits=bits, rounding=rounding)
     ops = {n.op_type for n in graph.nodes}
     assert {"Conv", "Add", "Concat", "MaxPool", "AveragePool", "Reshape", "Linear"} <= ops
     test = x[1500:]
