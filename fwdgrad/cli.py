@@ -30,7 +30,8 @@ def _cmd_ptq_demo(args) -> int:
     calibration = real_photos(args.calibration, args.resolution, seed=1)
     evaluation = real_photos(args.images, args.resolution, seed=0)
     print(f"calibrating on {len(calibration)} and evaluating on {len(evaluation)} crops of real photos")
-    results = ptq_report(path, calibration, evaluation, args.bits, backend=args.backend, scales=args.scales)
+    results = ptq_report(path, calibration, evaluation, args.bits, backend=args.backend, scales=args.scales,
+                         equalize_channels=args.equalize)
     print(format_table(results))
     if args.out:
         Path(args.out).write_text(json.dumps([r.as_dict() for r in results], indent=2))
@@ -50,7 +51,7 @@ def _cmd_quantize(args) -> int:
     evaluation = np.load(args.evaluate) if args.evaluate else data
     options = {"calibration": args.method} if args.method else {}
     results = ptq_report(args.model, data, evaluation, args.bits, backend=args.backend, rounding=args.rounding,
-                         scales=args.scales, **options)
+                         scales=args.scales, equalize_channels=args.equalize, **options)
     print(format_table(results))
     if args.out:
         from fwdgrad.deploy import write_onnx
@@ -218,8 +219,13 @@ def _cmd_models(args) -> int:
     return 0
 
 
+EQUALIZE_HELP = ("per-channel activation equalization before quantizing: all (default), depthwise (conv -> "
+                 "depthwise pairs only: weight integers unchanged), none")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from quant.convert import CALIBRATION_METHODS
+    from quant.equalize import EQUALIZE_MODES
     from quant.tensor import SCALE_KINDS
 
     parser = argparse.ArgumentParser(prog="fwdgrad", description=__doc__)
@@ -239,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--calibration", type=int, default=128, help="calibration crops")
     demo.add_argument("--bits", nargs="+", default=["w8a8", "w16a8"])
     demo.add_argument("--scales", default="float", choices=SCALE_KINDS, help="pow2: every scale a power of two")
+    demo.add_argument("--equalize", default="all", choices=EQUALIZE_MODES, help=EQUALIZE_HELP)
     demo.add_argument("--backend", default="numba", choices=["numba", "numpy"])
     demo.add_argument("--out", help="also write the results as JSON here")
     demo.set_defaults(run=_cmd_ptq_demo)
@@ -252,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--scales", default="float", choices=SCALE_KINDS,
                           help="pow2: every scale a power of two (shift-only requantization; qdq exports exactly)")
     quantize.add_argument("--method", choices=CALIBRATION_METHODS, help="calibration (default: quant.convert's)")
+    quantize.add_argument("--equalize", default="all", choices=EQUALIZE_MODES, help=EQUALIZE_HELP)
     quantize.add_argument("--backend", default="numba", choices=["numba", "numpy"])
     quantize.add_argument("--out", help="also write the quantized model here as ONNX (one --bits)")
     quantize.add_argument("--format", default="qop", choices=["qop", "qdq"], help="ONNX form for --out")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from quant.convert import parse_bits
 from quant.fixedpoint import check_rounding
+from quant.equalize import check_equalize
 from quant.tensor import check_scales
 
 from .estimators import ESTIMATORS
@@ -43,6 +44,7 @@ class TrainConfig:
     bits: str = "w16a8"
     rounding: str = "half_even"
     scales: str = "float"  # "pow2": every scale a power of two (shift-only requantization, exact qdq export)
+    equalize: str = "depthwise"  # activation equalization before quantizing (quant.equalize): depthwise, all, none
     estimator: str = "spsa"
     selection: str = "trady"
     budget: str = "8KB"
@@ -77,6 +79,7 @@ class TrainConfig:
         parse_bits(self.bits)
         check_rounding(self.rounding)
         check_scales(self.scales)
+        check_equalize(self.equalize)
         parse_bytes(self.budget)
         for name, value, allowed in (("method", self.method, TRAINING_METHODS),
                                      ("estimator", self.estimator, ESTIMATORS), ("selection", self.selection, METHODS),

@@ -149,4 +149,4 @@ def prepare_graph(cfg: TrainConfig, data: TrainData, out: str | Path) -> QGraph:
     path.parent.mkdir(parents=True, exist_ok=True)
     export_onnx(net, (1,) + data.x_train.shape[1:], path)
     return convert(path, data.x_train[:cfg.calibration_samples], bits=cfg.bits, rounding=cfg.rounding,
-                   scales=cfg.scales)
+                   scales=cfg.scales, equalize_channels=cfg.equalize)

@@ -1,14 +1,16 @@
 """Float ONNX model -> QGraph: BatchNorm folding, activation fusion, calibration, post-training quantization.
 
-Three passes, each simple on its own:
+Four passes, each simple on its own:
 1. ``lower``: walk the ONNX nodes in order and build float layers, folding BatchNormalization into the
    preceding convolution, fusing ReLU/Clip into the layer before it (they become integer clamps), folding
    constant Adds after MatMul into the bias, and dropping Identity/Dropout. Anything else is an
    :class:`UnsupportedOpError` that names the op type and the node.
-2. ``calibrate``: run the float model in onnxruntime over sample data with every tensor we must quantize
-   exposed as an output, and record its range (min-max, or percentiles of a bounded random sample).
-3. ``convert``: quantize weights per output channel (symmetric), biases at s_x * s_w, activations with
-   the calibrated ranges, at the requested bit widths (w8a8, w16a8, w8a16, w16a16).
+2. ``quant.calibration.calibrate``: run the float model in onnxruntime over sample data with every tensor
+   we must quantize exposed as an output, and record per-channel statistics.
+3. ``quant.equalize.equalize``: fold per-channel factors into the weights around tensors whose channels
+   have very different ranges, so that one activation scale fits them all.
+4. ``convert``: quantize weights per output channel (symmetric), biases at s_x * s_w, activations with
+   the calibrated ranges, at the requested bit widths (w8a8, w16a8, w8a16, w16a16), then correct biases.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from onnx import numpy_helper
 
 from .fixedpoint import check_rounding
 from .backends import get_backend
+from .calibration import CALIBRATION_METHODS, all_but_channels, calibrate, check_method
+from .equalize import Equalization, equalize
 from .graph import QGraph, check_input_shape
 from .ops.base import WeightedNode
 from .ops import ConvGeometry, PoolGeometry, QAdd, QAvgPool, QClamp, QConcat, QConv, QLinear, QMaxPool, QReshape
@@ -31,8 +35,6 @@ SUPPORTED_OPS = ("Conv", "BatchNormalization (after Conv)", "Gemm", "MatMul (+ A
                  "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean (spatial)", "Flatten",
                  "Reshape (constant shape)", "Concat", "Identity", "Dropout")
 BIT_CONFIGS = ("w8a8", "w16a8", "w8a16", "w16a16")
-CALIBRATION_METHODS = ("minmax", "percentile", "mse")
-SAMPLE_PER_TENSOR = 200_000
 
 
 class UnsupportedOpError(ValueError):
@@ -291,82 +293,6 @@ def lower(model: onnx.ModelProto) -> tuple[list[FloatLayer], str, str]:
     return low.layers, low.input_name, output
 
 
-# ---- pass 2: calibration ------------------------------------------------------------------------------
-
-@dataclass
-class Calibration:
-    ranges: dict[str, tuple[float, float]]  # real range of each quantized tensor
-    channel_means: dict[str, np.ndarray]  # mean over batch and space of each pre-activation, per channel
-
-
-def calibrate(model: onnx.ModelProto, tensors: list[str], data: np.ndarray, method: str = "minmax",
-              percentile: float = 99.99, batch_size: int = 32, seed: int = 0,
-              mean_tensors: tuple[str, ...] = (), bits: int = 8, scales: str = "float") -> Calibration:
-    """Statistics of the float model over ``data``, from onnxruntime: ranges of ``tensors``, and the
-    per-channel means of ``mean_tensors`` (what bias correction matches)."""
-    import onnxruntime as ort
-
-    if method not in CALIBRATION_METHODS:
-        raise ValueError(f"unknown calibration {method!r}: use one of {', '.join(CALIBRATION_METHODS)}")
-    data = np.asarray(data, dtype=np.float32)
-    if data.size == 0:
-        raise ValueError("calibration needs at least one sample")
-    if not np.all(np.isfinite(data)):
-        raise ValueError("calibration data contains NaN or inf: clean it before quantizing")
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    wanted = list(dict.fromkeys(list(tensors) + list(mean_tensors)))
-    for name in wanted:
-        if name not in existing:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-    check_input_shape(data.shape, input_shape(model), input_name, "calibration data")
-    rng = np.random.default_rng(seed)
-    lows = {t: np.inf for t in tensors}
-    highs = {t: -np.inf for t in tensors}
-    samples: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
-    sums, counts = {t: 0.0 for t in mean_tensors}, {t: 0 for t in mean_tensors}
-    per_batch = max(1, SAMPLE_PER_TENSOR * batch_size // len(data))
-    for start in range(0, len(data), batch_size):
-        values = dict(zip(wanted, session.run(wanted, {input_name: data[start:start + batch_size]})))
-        for name in mean_tensors:
-            value = values[name]
-            sums[name] = sums[name] + value.astype(np.float64).sum(axis=_all_but_channels(value))
-            counts[name] += value.size // value.shape[1]
-        for name in tensors:
-            value = values[name]
-            lows[name] = min(lows[name], float(value.min()))
-            highs[name] = max(highs[name], float(value.max()))
-            if method != "minmax":
-                flat = value.reshape(-1)
-                samples[name].append(rng.choice(flat, min(per_batch, flat.size), replace=False))
-    if method == "minmax":
-        ranges = {t: (lows[t], highs[t]) for t in tensors}
-    elif method == "mse":
-        ranges = {t: _mse_range(np.concatenate(samples[t]), lows[t], highs[t], bits, scales) for t in tensors}
-    else:
-        ranges = {t: tuple(np.percentile(np.concatenate(samples[t]), [100 - percentile, percentile]).tolist())
-                  for t in tensors}
-    return Calibration(ranges, {t: sums[t] / counts[t] for t in mean_tensors})
-
-
-def _mse_range(values: np.ndarray, lo: float, hi: float, bits: int, scales: str) -> tuple[float, float]:
-    """The shrink of [lo, hi] whose quantization (rounding + clipping) error on ``values`` is smallest."""
-    best, best_err = (lo, hi), np.inf
-    for shrink in np.linspace(0.3, 1.0, 36):
-        params = activation_params(lo * shrink, hi * shrink, bits, scales)
-        err = np.mean((dequantize(quantize(values, params), params) - values) ** 2)
-        if err < best_err:
-            best, best_err = (lo * shrink, hi * shrink), err
-    return best
-
-
-def _all_but_channels(value: np.ndarray) -> tuple[int, ...]:
-    return tuple(i for i in range(value.ndim) if i != 1)
-
-
 # ---- pass 3: quantization -----------------------------------------------------------------------------
 
 def _clamp_bounds(params: QParams, act: tuple[float, float] | None) -> tuple[int, int]:
@@ -409,7 +335,7 @@ def correct_biases(graph: QGraph, data: np.ndarray, float_means: dict[str, np.nd
             total, count = 0.0, 0
             for env in envs:
                 acc = node.accumulate(kernels, [env[t] for t in node.inputs])
-                total = total + acc.astype(np.float64).sum(axis=_all_but_channels(acc))
+                total = total + acc.astype(np.float64).sum(axis=all_but_channels(acc))
                 count += acc.size // acc.shape[1]
             acc_scale = np.float32(node.in_params.scale) * node.w_params.scale
             shift = np.rint((float_means[node.name] - total / count * acc_scale) / acc_scale)
@@ -421,24 +347,35 @@ def correct_biases(graph: QGraph, data: np.ndarray, float_means: dict[str, np.nd
 
 def convert(model: str | Path | onnx.ModelProto, calibration_data: np.ndarray, *, bits: str = "w8a8",
             rounding: str = "half_even", calibration: str = "minmax", percentile: float = 99.99,
-            bias_correction: bool = True, batch_size: int = 32, scales: str = "float") -> QGraph:
+            bias_correction: bool = True, batch_size: int = 32, scales: str = "float",
+            equalize_channels: str | Equalization = "all") -> QGraph:
     """Quantize a float ONNX model into a QGraph (post-training quantization); ``scales="pow2"`` rounds every
-    scale up to a power of two (shift-only requantization, see quant.tensor)."""
+    scale up to a power of two (shift-only requantization, see quant.tensor); ``equalize_channels`` picks
+    the tensors whose channels are equalized first (quant.equalize: ``depthwise``, ``all`` or ``none``, or
+    an ``Equalization`` that also sets how far)."""
     wbits, abits = parse_bits(bits)
     check_rounding(rounding)
     check_scales(scales)
+    check_method(calibration)
+    equalization = Equalization.of(equalize_channels)
     proto = load_model(model)
     layers, input_name, output_name = lower(proto)
+    check_input_shape(np.shape(calibration_data), input_shape(proto), input_name, "calibration data")
     weighted = [l for l in layers if l.kind in ("conv", "linear")]
     stats = calibrate(proto, [input_name] + [l.output for l in layers if l.calibrated], calibration_data,
-                      calibration, percentile, batch_size,
-                      mean_tensors=[l.pre_act for l in weighted] if bias_correction else (), bits=abits, scales=scales)
-    ranges = stats.ranges
-    params = {input_name: activation_params(*ranges[input_name], abits, scales)}
+                      batch_size, mean_tensors=[l.pre_act for l in weighted] if bias_correction else (),
+                      sample=calibration != "minmax")
+    factors = equalize(layers, input_name, output_name, stats, equalization, wbits, abits)
+
+    def activation(tensor: str) -> QParams:
+        lo, hi = stats.range_of(tensor, calibration, percentile, abits, scales, factors.get(tensor))
+        return activation_params(lo, hi, abits, scales)
+
+    params = {input_name: activation(input_name)}
     nodes = []
     for layer in layers:
         ins = [params[t] for t in layer.inputs]
-        out = activation_params(*ranges[layer.output], abits, scales) if layer.calibrated else ins[0]
+        out = activation(layer.output) if layer.calibrated else ins[0]
         if layer.kind in ("conv", "linear"):
             node = _quantize_weighted(layer, ins[0], out, wbits, scales)
         elif layer.kind == "add":
@@ -457,9 +394,11 @@ def convert(model: str | Path | onnx.ModelProto, calibration_data: np.ndarray, *
         params[layer.output] = out
         nodes.append(node)
     metadata = {"scales": scales, "calibration": calibration, "calibration_samples": int(len(calibration_data)),
-                "bias_correction": bias_correction, "input_shape": input_shape(proto)}
+                "bias_correction": bias_correction, "equalize": equalization.mode,
+                "equalized_tensors": len(factors), "input_shape": input_shape(proto)}
     graph = QGraph(nodes, input_name, params[input_name], output_name, rounding, bits, metadata)
     if bias_correction:
         correct_biases(graph, np.asarray(calibration_data, np.float32),
-                       {l.name: stats.channel_means[l.pre_act] for l in weighted}, batch_size)
+                       {l.name: stats.channel_means[l.pre_act] * factors.get(l.output, 1.0) for l in weighted},
+                       batch_size)
     return graph
