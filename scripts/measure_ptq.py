@@ -27,8 +27,12 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "engine.md"
 BEGIN, END = "<!-- measure_ptq:begin -->", "<!-- measure_ptq:end -->"
 CONFIDENT_MARGIN = 1.0  # logits between the float model's first and second class
 
-OURS = [("w8a8", "minmax", "float"), ("w8a8", "mse", "float"), ("w8a8", "minmax", "pow2"), ("w8a8", "mse", "pow2"),
-        ("w16a8", "minmax", "float"), ("w8a16", "minmax", "float"), ("w16a16", "minmax", "float")]
+OURS = [("w8a8", "minmax", "float", "none"), ("w8a8", "minmax", "float", "depthwise"),
+        ("w8a8", "minmax", "float", "all"), ("w8a8", "mse", "float", "none"), ("w8a8", "mse", "float", "all"),
+        ("w8a8", "minmax", "pow2", "all"), ("w8a8", "mse", "pow2", "all"),
+        ("w16a8", "minmax", "float", "none"), ("w16a8", "minmax", "float", "all"),
+        ("w8a16", "minmax", "float", "none"), ("w16a16", "minmax", "float", "none")]  # 16-bit activations: never equalized
+EQUALIZED = {"none": "", "depthwise": ", conv -> depthwise pairs equalized", "all": ", equalized"}
 
 
 def onnxruntime_logits(path: Path, calibration: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -37,17 +41,25 @@ def onnxruntime_logits(path: Path, calibration: np.ndarray, x: np.ndarray) -> np
         return np.concatenate([session.run(None, {"input": x[i:i + 32]})[0] for i in range(0, len(x), 32)])
 
 
-def measure(resolution: int, images: int, calibration_images: int) -> list[dict]:
+def photo_task(resolution: int, images: int, calibration_images: int):
+    """MobileNetV2's ONNX file at ``resolution``, calibration crops (seed 1), evaluation crops (seed 0) and
+    the float model's logits on them: what every PTQ measurement here compares against."""
     path = model_onnx("mobilenetv2", resolution=resolution)
     calibration = real_photos(calibration_images, resolution, seed=1)
     evaluation = real_photos(images, resolution, seed=0)
-    reference = float_logits(path, evaluation)
+    return path, calibration, evaluation, float_logits(path, evaluation)
+
+
+def measure(resolution: int, images: int, calibration_images: int) -> list[dict]:
+    path, calibration, evaluation, reference = photo_task(resolution, images, calibration_images)
     top2 = np.sort(reference, axis=1)[:, -2:]
     confident = top2[:, 1] - top2[:, 0] >= CONFIDENT_MARGIN
-    candidates = [(f"ours {bits} ({method}, bias correction{', power-of-two scales' if scales == 'pow2' else ''})",
-                   lambda b=bits, m=method, s=scales: engine_logits(
-                       convert(path, calibration, bits=b, calibration=m, scales=s), evaluation, label=b)[0])
-                  for bits, method, scales in OURS]
+    candidates = [(f"ours {bits} ({method}, bias correction{EQUALIZED[eq]}"
+                   f"{', power-of-two scales' if scales == 'pow2' else ''})",
+                   lambda b=bits, m=method, s=scales, e=eq: engine_logits(
+                       convert(path, calibration, bits=b, calibration=m, scales=s, equalize_channels=e),
+                       evaluation, label=b)[0])
+                  for bits, method, scales, eq in OURS]
     candidates.append(("onnxruntime quantize_static int8 (u8/s8, min-max)",
                        lambda: onnxruntime_logits(path, calibration, evaluation)))
     rows = []
@@ -76,16 +88,17 @@ def render(rows: list[dict], calibration_images: int) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--resolutions", type=int, nargs="+", default=[224, 128])
+def measure_main(description: str, measure, render, markers: tuple[str, str], resolutions: list[int]) -> None:
+    """The command line both PTQ measurements share: measure at each resolution, rewrite the doc section."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--resolutions", type=int, nargs="+", default=resolutions)
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--calibration", type=int, default=128)
     args = parser.parse_args()
     rows = [row for res in args.resolutions for row in measure(res, args.images, args.calibration)]
-    write_section(DOC, render(rows, args.calibration), BEGIN, END)
+    write_section(DOC, render(rows, args.calibration), *markers)
     print(f"wrote {DOC}")
 
 
 if __name__ == "__main__":
-    main()
+    measure_main(__doc__, measure, render, (BEGIN, END), [224, 128])
