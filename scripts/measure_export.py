@@ -21,6 +21,7 @@ import onnxruntime as ort
 from fwdgrad.data.photos import real_photos
 from fwdgrad.models.zoo import model_onnx
 from quant.convert import convert
+from quant.equalize import EQUALIZE_MODES
 from quant.export import ExportError, export, qdq_nodes_against_engine
 from quant.tensor import quantize
 
@@ -61,15 +62,17 @@ def main() -> None:
     parser.add_argument("--bits", nargs="+", default=["w8a8", "w16a8", "w8a16"])
     parser.add_argument("--node-images", type=int, default=16, help="crops for the node-by-node comparison")
     parser.add_argument("--scales", default="float", choices=["float", "pow2"], help="quantize with these scales")
+    parser.add_argument("--equalize", default="all", choices=EQUALIZE_MODES, help="activation equalization")
     args = parser.parse_args()
     path = model_onnx("mobilenetv2", resolution=args.resolution)
     calibration = real_photos(args.calibration, args.resolution, seed=1)
     x = real_photos(args.images, args.resolution, seed=0)
-    print(f"MobileNetV2 {args.resolution}px, {args.scales} scales, {args.images} crops of real photos\n")
+    print(f"MobileNetV2 {args.resolution}px, {args.scales} scales, equalize {args.equalize}, {args.images} crops of "
+          f"real photos\n")
     print("| bits | format | onnxruntime level | top-1 agreement | max integer difference | logits differing |")
     print("|---|---|---|---|---|---|")
     for bits in args.bits:
-        graph = convert(path, calibration, bits=bits, scales=args.scales)
+        graph = convert(path, calibration, bits=bits, scales=args.scales, equalize_channels=args.equalize)
         ours = np.concatenate([graph.forward(x[i:i + 16]) for i in range(0, len(x), 16)]).astype(np.int64)
         for fmt in ("qop", "qdq"):
             try:
@@ -87,7 +90,7 @@ def main() -> None:
     print("| bits | outputs differing | of | rate | largest difference | nodes with a difference |")
     print("|---|---|---|---|---|---|")
     for bits in args.bits:
-        graph = convert(path, calibration, bits=bits, scales=args.scales)
+        graph = convert(path, calibration, bits=bits, scales=args.scales, equalize_channels=args.equalize)
         differing, total, largest, nodes = node_by_node(graph, x[:args.node_images])
         print(f"| {bits} | {differing} | {total} | {differing / total:.1e} | {largest} | {nodes} |", flush=True)
 
