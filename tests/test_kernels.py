@@ -91,11 +91,26 @@ def test_depthwise_stacks_of_images_split_exactly(stride):
         assert np.array_equal(FAST.conv(x, 7, w, bias, geometry, spec), REF.conv(x, 7, w, bias, geometry, spec))
 
 
+@pytest.mark.parametrize("stride, dilation, bits", [(1, 1, 8), (2, 1, 8), (1, 2, 8), (2, 2, 16), (3, 1, 16)])
+def test_depthwise_nine_taps(stride, dilation, bits):
+    """3x3 depthwise kernels take the one-pass nine-tap loop; every stride phase and dilation lands on the
+    reference integers, in float32 (8-bit) and float64 (16-bit inputs)."""
+    rng = np.random.default_rng(stride * 10 + dilation)
+    x, w = ints(rng, (3, 4, 17, 13), bits), ints(rng, (4, 1, 3, 3), 8, narrow=True)
+    geometry = ConvGeometry((stride, stride), (2, 1, 1, 2), (dilation, dilation), 4)
+    bias = rng.integers(-1000, 1000, 4)
+    zp = 9 if bits == 8 else 0
+    assert np.array_equal(FAST.conv(x, zp, w, bias, geometry), REF.conv(x, zp, w, bias, geometry))
+    spec = random_output_spec(rng, 4, bits > 8)
+    assert np.array_equal(FAST.conv(x, zp, w, bias, geometry, spec), REF.conv(x, zp, w, bias, geometry, spec))
+
+
 @settings(max_examples=60, deadline=None)
-@given(st.integers(1, 5), st.integers(1, 1200), st.one_of(st.integers(1, 6), st.integers(33, 130)),
+@given(st.integers(1, 5), st.integers(1, 1200), st.one_of(st.integers(1, 6), st.integers(90, 450)),
        st.sampled_from([8, 16]), st.sampled_from([8, 16]), SEEDS)
 def test_linear(n, k, o, xbits, wbits, seed):
-    """Beyond 32 outputs and with few rows the fused GEMM also splits the outputs across threads."""
+    """With few rows the fused GEMM also splits the outputs across threads (blocks of 96 or more, their
+    number rounded to a multiple of the threads beyond 192 outputs: quant.ops.exact_gemm.gemm_plan)."""
     rng = np.random.default_rng(seed)
     x, w = ints(rng, (n, k), xbits), ints(rng, (o, k), wbits, narrow=True)
     zp = int(rng.integers(-128, 128)) if xbits == 8 else 0

@@ -172,6 +172,26 @@ def gemm_weights(w: np.ndarray, x_dtype) -> np.ndarray:
     return w3
 
 
+def gemm_plan(columns: int, outputs: int, threads: int) -> tuple[int, int]:
+    """(columns per tile, outputs per block) of the tasks :func:`gemm_requant` hands to ``threads``.
+
+    About two tasks a thread; a tile holds 64 to 256 columns (its K x tile float block stays in cache, and
+    BLAS is inefficient on narrower products); when the columns make fewer tiles than that, the outputs
+    are split too, into blocks of at least 96, their number a multiple of the threads so that none idles
+    in a last round. Against the previous plan (four tasks a thread, tiles from 16 columns, blocks from
+    32), MobileNetV2's 1x1 shapes at batch 1 and 16 took 12% less time in all, up to 1.7x less on the
+    7x7 layers (alternated micro-benchmarks, same integers)."""
+    tasks = 2 * threads
+    tile = int(min(256, max(64, -(-columns // tasks))))
+    n_tiles = -(-columns // tile)
+    n_blocks = max(1, min(-(-tasks // n_tiles), -(-outputs // 96)))
+    if n_blocks > threads:
+        n_blocks -= n_blocks % threads
+    elif n_tiles == 1:
+        n_blocks = max(n_blocks, min(threads, outputs))
+    return tile, -(-outputs // n_blocks)
+
+
 def gemm_requant(x3: np.ndarray, w3: np.ndarray, offset: np.ndarray, out) -> np.ndarray:
     """``requantize(w @ x3[b] + offset)`` for every image ``b`` of ``x3`` (N, K, S), exactly, with ``w3`` the
     weights packed by :func:`gemm_weights` for ``x3``'s integer type (x3 may hold the integers in floats,
@@ -181,11 +201,7 @@ def gemm_requant(x3: np.ndarray, w3: np.ndarray, offset: np.ndarray, out) -> np.
     _single_threaded_scipy_blas()
     spec = out or ACCUMULATOR_SPEC
     result = np.empty((n, o, s), dtype=spec.dtype)
-    tasks = 4 * numba.get_num_threads()
-    tile = int(min(256, max(16, -(-n * s // tasks))))
-    n_tiles = -(-n * s // tile)
-    n_blocks = min(-(-tasks // n_tiles), -(-o // 32))  # outputs split (>= 32 a block) when tiles are too few
-    block = -(-o // n_blocks)
+    tile, block = gemm_plan(n * s, o, numba.get_num_threads())
     rq = spec.requant
     _gemm_requant_kernel(np.ascontiguousarray(x3), w3, offset.astype(np.int64), rq.float32, rq.mantissa, rq.shift,
                          int(spec.zero_point), int(spec.qmin), int(spec.qmax), spec.mode == "half_even",
