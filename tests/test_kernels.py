@@ -6,7 +6,9 @@ from hypothesis import given, settings, strategies as st
 from quant.backends import get_backend
 from quant.fixedpoint import OutputSpec, Requant
 from quant.ops.add import AddRescale
+from quant.ops import int8_gemm
 from quant.ops.conv import STACKED_ELEMENTS, ConvGeometry
+from quant.ops.matmul import integer_path
 from quant.ops.packing import freeze
 from quant.ops.pool import PoolGeometry
 from quant.tensor import QParams
@@ -187,3 +189,51 @@ def test_global_average_pool_rounds_by_mode():
     tie = np.array([2, 3], np.int8).reshape(1, 1, 1, 2)  # mean 2.5
     assert REF.avgpool(tie, 0, PoolGeometry((1, 2)), "half_even")[0, 0, 0, 0] == 2
     assert REF.avgpool(tie, 0, PoolGeometry((1, 2)), "half_away")[0, 0, 0, 0] == 3
+
+
+@pytest.fixture(params=["int8 instructions", "float BLAS"])
+def product_path(request, monkeypatch):
+    """Run a test on each exact product path (ops/matmul.py): oneDNN's int32 GEMM, or chunked float BLAS."""
+    if request.param == "float BLAS":
+        monkeypatch.setattr(int8_gemm, "gemm_function", lambda: None)
+    elif int8_gemm.gemm_function() is None:
+        pytest.skip("no VNNI/AMX or no oneDNN here: the int8 instruction path is not used")
+    return request.param
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 17), st.integers(int8_gemm.MIN_DEPTH, 1300), st.integers(1, 300), st.integers(1, 400), SEEDS)
+def test_int8_products_on_both_paths(n, k, space, o, seed):
+    """Pointwise convs, linear layers and an im2col conv with int8 operands, extremes included (int16
+    saturation, the failure of int8 instructions without VNNI, would show here), both rounding modes."""
+    for path in ("int8 instructions", "float BLAS"):
+        with pytest.MonkeyPatch.context() as patch:
+            if path == "float BLAS":
+                patch.setattr(int8_gemm, "gemm_function", lambda: None)
+            elif int8_gemm.gemm_function() is None:
+                continue
+            assert integer_path(np.int8, np.int8, k) == (path == "int8 instructions")
+            rng = np.random.default_rng(seed)
+            x, w = ints(rng, (n, k, space, 1), 8), ints(rng, (o, k, 1, 1), 8, narrow=True)
+            if rng.random() < 0.3:
+                x[:], w[:] = -128, 127
+            zp, bias = int(rng.integers(-128, 128)), rng.integers(-(1 << 20), 1 << 20, o)
+            spec = random_output_spec(rng, o, False)
+            geometry = ConvGeometry()
+            assert np.array_equal(FAST.conv(x, zp, w, bias, geometry), REF.conv(x, zp, w, bias, geometry))
+            assert np.array_equal(FAST.conv(x, zp, w, bias, geometry, spec), REF.conv(x, zp, w, bias, geometry, spec))
+            flat_x, flat_w = x[:, :, 0, 0], w[:, :, 0, 0]
+            expected = REF.linear(flat_x, zp, flat_w, bias, spec)
+            assert np.array_equal(FAST.linear(flat_x, zp, flat_w, bias, spec), expected)
+
+
+def test_im2col_conv_on_both_paths(product_path):
+    """A 3x3 stride-2 conv (K = 4 * 9 = 36 terms): its im2col columns stay int8 on the int8 path."""
+    rng = np.random.default_rng(3)
+    x, w = ints(rng, (2, 4, 15, 11), 8), ints(rng, (40, 4, 3, 3), 8, narrow=True)
+    x[0] = -128
+    geometry = ConvGeometry((2, 2), (1, 1, 0, 1))
+    bias = rng.integers(-1000, 1000, 40)
+    spec = random_output_spec(rng, 40, False)
+    assert np.array_equal(FAST.conv(x, 5, w, bias, geometry, spec), REF.conv(x, 5, w, bias, geometry, spec))
+    assert np.array_equal(FAST.conv(x, 5, w, bias, geometry), REF.conv(x, 5, w, bias, geometry))

@@ -17,7 +17,8 @@ import numpy as np
 
 from ..fixedpoint import ACCUMULATOR_SPEC, OutputSpec, store_accumulators
 from .base import WeightedNode
-from .exact_gemm import FLOAT32_EXACT, gemm_requant, gemm_weights, largest_magnitude, zero_point_offset
+from .exact_gemm import FLOAT32_EXACT, gemm_weights, largest_magnitude, zero_point_offset
+from .matmul import integer_path, matmul_requant
 from .packing import packed
 
 
@@ -222,7 +223,8 @@ def _depthwise(x, x_zp, w, offset, geometry, ho, wo, out):
 
 def conv_numba(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray, geometry: ConvGeometry,
                out: OutputSpec | None = None) -> np.ndarray:
-    """Same integers as :func:`conv_reference`: direct loop for depthwise, im2col + exact BLAS otherwise.
+    """Same integers as :func:`conv_reference`: direct loop for depthwise, else (im2col +) an exact product
+    on int8 instructions or float BLAS (ops/matmul.py).
 
     Both compute ``sum x * w`` on the raw integers and add ``bias - x_zp * sum w`` per channel, fused
     into the requantization pass when ``out`` is given.
@@ -238,18 +240,22 @@ def conv_numba(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray, geomet
     if cg == 1 and o == g:
         return _depthwise(x, int(x_zp), w, offset, geometry, ho, wo, out)
     og, k = o // g, cg * kh * kw
+    # im2col columns: int8 for the int8 dot-product path, else the float type whose products are exact
+    cols_dtype = np.int8 if integer_path(x.dtype, w.dtype, k) else (np.float32 if x.itemsize == 1 else np.float64)
     pointwise = kh == kw == 1 and geometry.pads == (0, 0, 0, 0) and (sh, sw) == (1, 1)
     groups = []
     for gi in range(g):  # a fused, tiled GEMM + requantization per group; a 1x1 stride-1 conv needs no im2col
-        xg = np.ascontiguousarray(x[:, gi * cg:(gi + 1) * cg])
+        xg = x if g == 1 else np.ascontiguousarray(x[:, gi * cg:(gi + 1) * cg])
         if pointwise:
             cols = xg.reshape(n, cg, h * wd)
         else:
-            cols = np.empty((n, k, ho * wo), dtype=np.float32 if x.itemsize == 1 else np.float64)
+            cols = np.empty((n, k, ho * wo), dtype=cols_dtype)
             _im2col_kernel(xg, int(x_zp), kh, kw, sh, sw, pt, pl, dh, dw, ho, wo, cols)
         channels = slice(gi * og, (gi + 1) * og)
-        w3 = packed(w, ("gemm", x.dtype, gi), lambda: gemm_weights(w[channels].reshape(og, k), x.dtype))
-        groups.append(gemm_requant(cols, w3, offset[channels], out and out.channels(channels)))
+        wg = w[channels].reshape(og, k)
+        group_out = out if g == 1 else out and out.channels(channels)
+        groups.append(matmul_requant(cols, wg, offset[channels], group_out,
+                                     lambda: packed(w, ("gemm", x.dtype, gi), lambda: gemm_weights(wg, x.dtype))))
     return (groups[0] if g == 1 else np.concatenate(groups, axis=1)).reshape(n, o, ho, wo)
 
 

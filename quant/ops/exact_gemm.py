@@ -172,17 +172,17 @@ def gemm_weights(w: np.ndarray, x_dtype) -> np.ndarray:
     return w3
 
 
-def gemm_plan(columns: int, outputs: int, threads: int) -> tuple[int, int]:
+def gemm_plan(columns: int, outputs: int, threads: int, max_tile: int = 256) -> tuple[int, int]:
     """(columns per tile, outputs per block) of the tasks :func:`gemm_requant` hands to ``threads``.
 
-    About two tasks a thread; a tile holds 64 to 256 columns (its K x tile float block stays in cache, and
-    BLAS is inefficient on narrower products); when the columns make fewer tiles than that, the outputs
+    About two tasks a thread; a tile holds 64 to ``max_tile`` columns (its K x tile float block stays in
+    cache, and BLAS is inefficient on narrower products); when the columns make fewer tiles than that, the outputs
     are split too, into blocks of at least 96, their number a multiple of the threads so that none idles
     in a last round. Against the previous plan (four tasks a thread, tiles from 16 columns, blocks from
     32), MobileNetV2's 1x1 shapes at batch 1 and 16 took 12% less time in all, up to 1.7x less on the
     7x7 layers (alternated micro-benchmarks, same integers)."""
     tasks = 2 * threads
-    tile = int(min(256, max(64, -(-columns // tasks))))
+    tile = int(min(max_tile, max(64, -(-columns // tasks))))
     n_tiles = -(-columns // tile)
     n_blocks = max(1, min(-(-tasks // n_tiles), -(-outputs // 96)))
     if n_blocks > threads:
@@ -203,7 +203,8 @@ def gemm_requant(x3: np.ndarray, w3: np.ndarray, offset: np.ndarray, out) -> np.
     result = np.empty((n, o, s), dtype=spec.dtype)
     tile, block = gemm_plan(n * s, o, numba.get_num_threads())
     rq = spec.requant
-    _gemm_requant_kernel(np.ascontiguousarray(x3), w3, offset.astype(np.int64), rq.float32, rq.mantissa, rq.shift,
-                         int(spec.zero_point), int(spec.qmin), int(spec.qmax), spec.mode == "half_even",
+    _gemm_requant_kernel(np.ascontiguousarray(x3), w3, offset.astype(np.int64, copy=False), rq.float32, rq.mantissa,
+                         rq.shift, int(spec.zero_point), int(spec.qmin), int(spec.qmax), spec.mode == "half_even",
                          out is not None, tile, block, result)
     return result
+

@@ -11,7 +11,8 @@ import numpy as np
 
 from .base import WeightedNode
 from ..fixedpoint import OutputSpec
-from .exact_gemm import gemm_requant, gemm_weights, zero_point_offset
+from .exact_gemm import gemm_weights, zero_point_offset
+from .matmul import matmul_requant
 from .packing import packed
 
 
@@ -30,10 +31,10 @@ def linear_reference(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray,
 
 def linear_numba(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray,
                  out: OutputSpec | None = None) -> np.ndarray:
-    """Same integers as :func:`linear_reference`, via exact float BLAS on the raw integers."""
+    """Same integers as :func:`linear_reference`, via int8 dot products or exact float BLAS on the raw integers."""
     check_linear_shapes(x, w)
-    w3 = packed(w, ("gemm", x.dtype), lambda: gemm_weights(w, x.dtype))
-    return gemm_requant(x.reshape(x.shape[0], x.shape[1], 1), w3, zero_point_offset(bias, x_zp, w), out)[:, :, 0]
+    return matmul_requant(x.reshape(x.shape[0], x.shape[1], 1), w, zero_point_offset(bias, x_zp, w), out,
+                          lambda: packed(w, ("gemm", x.dtype), lambda: gemm_weights(w, x.dtype)))[:, :, 0]
 
 
 @dataclass

@@ -1,0 +1,122 @@
+"""int8 x int8 matrix products on the CPU's integer dot-product instructions, exactly, via oneDNN.
+
+The float-BLAS path (exact_gemm) is exact but pays for float arithmetic: each int8 product takes a float32
+lane. CPUs with VNNI (AVX-512 VNNI, AVX-VNNI) or AMX-INT8 sum four u8 x s8 products straight into an int32
+lane (``vpdpbusd``; AMX tiles do the same on 16 x 64 blocks), which is what onnxruntime's int8 kernels
+run on. oneDNN's ``dnnl_gemm_s8s8s32`` (PyPI ``onednn-cpu-gomp``: the library alone, built on the GNU
+OpenMP that numba's threads use too) exposes those as a GEMM with int32 accumulators: integer arithmetic
+throughout, exact while the sums fit int32 (8-bit operands: K below 130,000).
+
+Without VNNI oneDNN falls back to ``vpmaddubsw``, whose pairwise sums saturate at int16 (the instruction
+that corrupts onnxruntime's qdq files on such CPUs, docs/export.md): there, and where the library is
+missing, the engine keeps the float path. ``FWDGRAD_INT8_GEMM=0`` turns this path off (to compare the two,
+or to rule it out).
+
+The kernel is the float path's, with oneDNN in BLAS's place: numba's threads take tiles of (image,
+columns) x (outputs), each calls oneDNN on its tile (inside a parallel region oneDNN runs on the calling
+thread) straight from the int8 activations, with no gather, and requantizes the int32 tile while it is in
+cache.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import os
+import site
+import sys
+from pathlib import Path
+
+import numba
+import numpy as np
+
+from ..fixedpoint import ACCUMULATOR_SPEC, store_accumulators
+from .exact_gemm import gemm_plan
+
+INT8_DOT_PRODUCT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+LIBRARY = "libdnnl.so.3"
+MIN_DEPTH = 24  # shorter reductions (MobileNetV2's expand from 16 channels) are faster on float BLAS at batch 16
+MAX_TILE = 1024  # columns per tile: oneDNN keeps gaining up to here at batch 16, the float path stops at 256
+_NO = ord("N")  # oneDNN's char arguments, passed as their codes (numba calls ctypes functions with ints)
+_FIXED = ord("F")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as info:
+            line = next(l for l in info if l.startswith("flags"))
+    except (OSError, StopIteration):
+        return set()
+    return set(line.split(":", 1)[1].split())
+
+
+def _library_paths() -> list[str]:
+    """Where pip puts the wheel's data files (the environment's lib/, or the user base's), then the system."""
+    found = ctypes.util.find_library("dnnl")
+    return [str(Path(root) / "lib" / LIBRARY) for root in (sys.prefix, site.getuserbase())] + ([found] if found else [])
+
+
+@functools.cache
+def gemm_function():
+    """oneDNN's ``dnnl_gemm_s8s8s32`` as a ctypes function, or None where it should not or cannot be used."""
+    if os.environ.get("FWDGRAD_INT8_GEMM", "1") == "0" or not cpu_flags() & set(INT8_DOT_PRODUCT_FLAGS):
+        return None
+    for path in _library_paths():
+        try:
+            function = ctypes.CDLL(path).dnnl_gemm_s8s8s32
+        except (OSError, AttributeError):
+            continue
+        dim, pointer, char = ctypes.c_int64, ctypes.c_void_p, ctypes.c_uint8
+        function.restype = ctypes.c_int
+        function.argtypes = [char, char, char, dim, dim, dim, ctypes.c_float, pointer, dim, ctypes.c_int8, pointer, dim,
+                             ctypes.c_int8, ctypes.c_float, pointer, dim, pointer]
+        return function
+    return None
+
+
+def usable(x_dtype, w_dtype, depth: int) -> bool:
+    """Whether a product of ``depth``-term int8 dot products should run here rather than on float BLAS."""
+    return x_dtype == np.int8 and w_dtype == np.int8 and depth >= MIN_DEPTH and gemm_function() is not None
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _kernel(gemm, x3, w, offset, f32, mantissa, shift, zero_point, qmin, qmax, half_even, requantize_out, tile, block,
+            out3):
+    """out3[b, :, j] = requantize(w @ x3[b, :, j] + offset) by tiles of one image's columns and blocks of
+    outputs; returns how many oneDNN calls failed (0)."""
+    n, k, s = x3.shape
+    o = w.shape[0]
+    n_tiles, n_blocks = (s + tile - 1) // tile, (o + block - 1) // block
+    no_offset = np.zeros(1, np.int32)
+    per_channel = f32.shape[0] > 1
+    failures = 0
+    for t in numba.prange(n * n_tiles * n_blocks):
+        b, r = t // (n_tiles * n_blocks), t % (n_tiles * n_blocks)
+        j0, o0 = (r // n_blocks) * tile, (r % n_blocks) * block
+        j1, o1 = min(s, j0 + tile), min(o, o0 + block)
+        acc = np.empty((o1 - o0, j1 - j0), np.int32)
+        failures += gemm(_NO, _NO, _FIXED, o1 - o0, j1 - j0, k, 1.0, w[o0:].ctypes.data, k, 0,
+                         x3[b, :, j0:].ctypes.data, s, 0, 0.0, acc.ctypes.data, j1 - j0, no_offset.ctypes.data) != 0
+        for c in range(o0, o1):
+            q = c if per_channel else 0
+            store_accumulators(acc[c - o0], j1 - j0, offset[c], f32[q], mantissa[q], shift[q], zero_point, qmin, qmax,
+                               half_even, requantize_out, out3[b, c, j0:j1])
+    return failures
+
+
+def int8_gemm_requant(x3: np.ndarray, w: np.ndarray, offset: np.ndarray, out) -> np.ndarray:
+    """``requantize(w @ x3[b] + offset)`` for int8 ``x3`` (N, K, S) and int8 ``w`` (O, K); ``out`` an
+    OutputSpec (None: int64 accumulators). Returns (N, O, S). Call only where :func:`usable` says so."""
+    x3, w = np.ascontiguousarray(x3), np.ascontiguousarray(w)
+    n, _, s = x3.shape
+    tile, block = gemm_plan(n * s, w.shape[0], numba.get_num_threads(), MAX_TILE)
+    spec = out or ACCUMULATOR_SPEC
+    result = np.empty((n, w.shape[0], s), dtype=spec.dtype)
+    rq = spec.requant
+    failures = _kernel(gemm_function(), x3, w, offset.astype(np.int64, copy=False), rq.float32, rq.mantissa, rq.shift,
+                       int(spec.zero_point), int(spec.qmin), int(spec.qmax), spec.mode == "half_even", out is not None,
+                       min(tile, s), block, result)
+    if failures:
+        raise RuntimeError(f"oneDNN's dnnl_gemm_s8s8s32 failed on {failures} tiles of {w.shape} x {x3.shape}: "
+                           f"set FWDGRAD_INT8_GEMM=0 to use the float path")
+    return result
