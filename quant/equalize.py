@@ -11,8 +11,8 @@ equalization; SmoothQuant, Xiao et al. 2023, for the split between activations a
   quantized per output channel, so their integers do not change, only their scales;
 - the consumers' input columns are divided by ``s[c]``. A depthwise consumer has one input channel per
   output channel, so this too only changes per-channel scales: equalizing a conv -> depthwise pair is
-  free, and its channels are stretched to the full range (alpha = 1, up to the cap below). A dense consumer pays in weight
-  resolution for what the activation gains, so its tensors are stretched part of the way
+  free, and its channels are stretched to the full range (alpha = 1, up to the cap below). A dense consumer
+  pays in weight resolution for what the activation gains, so its tensors are stretched part of the way
   (``s = (A / a_c) ** alpha`` with A the widest channel's magnitude, a_c channel c's): alpha 1/2 with
   8-bit weights (SmoothQuant's even split), 1 with 16-bit weights, which have bits to spare: the best
   logit SNR of 0.25 / 0.5 / 0.75 / 1 on MobileNetV2 (scripts/measure_equalization.py, docs/engine.md).
@@ -121,7 +121,8 @@ def _groups(layers, input_name: str, output_name: str) -> list[_Group]:
         for p in group.producers:
             if p.kind not in ("conv", "linear") + _PASS_THROUGH:
                 group.usable = False
-            elif p.act is not None and (p.act[0] not in (0.0, -np.inf) or (np.isfinite(p.act[1]) and len(calibrated) > 1)):
+            elif p.act is not None and (p.act[0] not in (0.0, -np.inf)
+                                        or (np.isfinite(p.act[1]) and len(calibrated) > 1)):
                 group.usable = False  # a clamp that per-channel factors would move (see the module docstring)
     return list(groups.values())
 
@@ -150,7 +151,8 @@ def _scale_input_channels(layer, factors: np.ndarray) -> None:
 
 
 def equalize(layers, input_name: str, output_name: str, calibration: Calibration,
-             setting: str | Equalization = "all", weight_bits: int = 8, activation_bits: int = 8) -> dict[str, np.ndarray]:
+             setting: str | Equalization = "all", weight_bits: int = 8,
+             activation_bits: int = 8) -> dict[str, np.ndarray]:
     """Rescale the float layers in place; returns the factors of every equalized tensor (its calibration
     statistics are to be read through them, ``Calibration.range_of(..., factors=...)``)."""
     setting = Equalization.of(setting)
