@@ -8,7 +8,6 @@ from quant.fixedpoint import OutputSpec, Requant
 from quant.ops.add import AddRescale
 from quant.ops import int8_gemm
 from quant.ops.conv import STACKED_ELEMENTS, ConvGeometry
-from quant.ops.matmul import integer_path
 from quant.ops.packing import freeze
 from quant.ops.pool import PoolGeometry
 from quant.tensor import QParams
@@ -212,7 +211,7 @@ def test_int8_products_on_both_paths(n, k, space, o, seed):
                 patch.setattr(int8_gemm, "gemm_function", lambda: None)
             elif int8_gemm.gemm_function() is None:
                 continue
-            assert integer_path(np.int8, np.int8, k) == (path == "int8 instructions")
+            assert int8_gemm.usable(np.int8, np.int8, k) == (path == "int8 instructions")
             rng = np.random.default_rng(seed)
             x, w = ints(rng, (n, k, space, 1), 8), ints(rng, (o, k, 1, 1), 8, narrow=True)
             if rng.random() < 0.3:

@@ -18,7 +18,8 @@ import numpy as np
 from ..fixedpoint import ACCUMULATOR_SPEC, OutputSpec, store_accumulators
 from .base import WeightedNode
 from .exact_gemm import FLOAT32_EXACT, gemm_weights, largest_magnitude, zero_point_offset
-from .matmul import integer_path, matmul_requant
+from . import int8_gemm
+from .matmul import matmul_requant
 from .packing import packed
 
 
@@ -241,7 +242,7 @@ def conv_numba(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray, geomet
         return _depthwise(x, int(x_zp), w, offset, geometry, ho, wo, out)
     og, k = o // g, cg * kh * kw
     # im2col columns: int8 for the int8 dot-product path, else the float type whose products are exact
-    cols_dtype = np.int8 if integer_path(x.dtype, w.dtype, k) else (np.float32 if x.itemsize == 1 else np.float64)
+    cols_dtype = np.int8 if int8_gemm.usable(x.dtype, w.dtype, k) else (np.float32 if x.itemsize == 1 else np.float64)
     pointwise = kh == kw == 1 and geometry.pads == (0, 0, 0, 0) and (sh, sw) == (1, 1)
     groups = []
     for gi in range(g):  # a fused, tiled GEMM + requantization per group; a 1x1 stride-1 conv needs no im2col

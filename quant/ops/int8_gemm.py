@@ -30,8 +30,8 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from ..fixedpoint import ACCUMULATOR_SPEC, store_accumulators
-from .exact_gemm import gemm_plan
+from ..fixedpoint import ACCUMULATOR_SPEC
+from .exact_gemm import gemm_plan, store_tile
 
 INT8_DOT_PRODUCT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 LIBRARY = "libdnnl.so.3"
@@ -88,7 +88,6 @@ def _kernel(gemm, x3, w, offset, f32, mantissa, shift, zero_point, qmin, qmax, h
     o = w.shape[0]
     n_tiles, n_blocks = (s + tile - 1) // tile, (o + block - 1) // block
     no_offset = np.zeros(1, np.int32)
-    per_channel = f32.shape[0] > 1
     failures = 0
     for t in numba.prange(n * n_tiles * n_blocks):
         b, r = t // (n_tiles * n_blocks), t % (n_tiles * n_blocks)
@@ -97,10 +96,8 @@ def _kernel(gemm, x3, w, offset, f32, mantissa, shift, zero_point, qmin, qmax, h
         acc = np.empty((o1 - o0, j1 - j0), np.int32)
         failures += gemm(_NO, _NO, _FIXED, o1 - o0, j1 - j0, k, 1.0, w[o0:].ctypes.data, k, 0,
                          x3[b, :, j0:].ctypes.data, s, 0, 0.0, acc.ctypes.data, j1 - j0, no_offset.ctypes.data) != 0
-        for c in range(o0, o1):
-            q = c if per_channel else 0
-            store_accumulators(acc[c - o0], j1 - j0, offset[c], f32[q], mantissa[q], shift[q], zero_point, qmin, qmax,
-                               half_even, requantize_out, out3[b, c, j0:j1])
+        store_tile(acc, o0, b * s + j0, b * s + j1, offset, f32, mantissa, shift, zero_point, qmin, qmax, half_even,
+                    requantize_out, out3)
     return failures
 
 
