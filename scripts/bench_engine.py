@@ -24,6 +24,7 @@ from fwdgrad.data.photos import real_photos
 from fwdgrad.models.mobilenetv2 import load_imagenet_mobilenetv2
 from fwdgrad.models.zoo import model_onnx
 from quant.convert import convert
+from quant.ops.int8_gemm import cpu_flags
 
 from doc_sections import write_section
 
@@ -92,13 +93,12 @@ def measure(resolution: int, batches: list[int], seconds: float, rounds: int) ->
 
 
 def int8_features() -> str:
-    """The CPU's int8 dot-product instructions (what onnxruntime's int8 kernels use, and ours cannot)."""
-    try:
-        flags = set(next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split(":")[1].split())
-    except (OSError, StopIteration):
+    """The CPU's int8 dot-product instructions (onnxruntime's int8 kernels use them, and ours where present)."""
+    flags = cpu_flags()
+    if not flags:
         return "CPU features unknown"
-    named = [name for flag, name in (("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"), ("amx_int8", "AMX-INT8"))
-             if flag in flags]
+    names = {"avx512_vnni": "AVX-512 VNNI", "avx_vnni": "AVX-VNNI", "amx_int8": "AMX-INT8"}
+    named = [name for flag, name in names.items() if flag in flags]
     return ("with " + ", ".join(named)) if named else "without VNNI or AMX"
 
 
@@ -106,8 +106,8 @@ def render(rows: list[dict]) -> str:
     peers = ["onnxruntime int8", "onnxruntime float32", "pytorch float32"]
     lines = [BEGIN, "## Inference engine (`scripts/bench_engine.py`)", "",
              f"MobileNetV2 (ImageNet), images/s on this machine ({platform.processor() or platform.machine()} "
-             f"{int8_features()}, {torch.get_num_threads()} threads), all measured in the same run, in turns (median of short windows "
-             "taken one runner after the other, so all see the same machine). Ratio = peer time / our time "
+             f"{int8_features()}, {torch.get_num_threads()} threads), all measured in the same run, in turns "
+             "(median of short windows taken one runner after the other, so all see the same machine). Ratio = peer time / our time "
              "(below 1: we are slower).", "",
              "| resolution | batch | ours (numba, w8a8) img/s | " + " | ".join(f"{p} img/s" for p in peers)
              + " | " + " | ".join(f"ours vs {p}" for p in peers) + " |",
