@@ -188,6 +188,36 @@ def store_accumulators(acc, count, off, m, mant, shf, zero_point, qmin, qmax, ha
             out[q] = requantize_scalar(np.int64(acc[q]) + off, mant, shf, half, zero_point, qmin, qmax)
 
 
+@numba.njit(cache=True, nogil=True)
+def lane_params(c0, count, offset, f32, mantissa, shift):
+    """Channels ``c0 .. c0 + count``'s offsets and multipliers (the layer's one repeated if it has one), as
+    :func:`store_lanes` takes them: one array each, indexed like the lanes."""
+    per_channel = f32.shape[0] > 1
+    offsets, m = offset[c0:c0 + count].copy(), np.empty(count, np.float32)
+    mant, shf = np.empty(count, np.int64), np.empty(count, np.int64)
+    for c in range(count):
+        k = c0 + c if per_channel else 0
+        m[c], mant[c], shf[c] = f32[k], mantissa[k], shift[k]
+    return offsets, offsets.astype(np.float64), m, mant, shf, np.int64(1) << (shf - 1)
+
+
+@numba.njit(cache=True, nogil=True)
+def store_lanes(acc, count, params, zero_point, qmin, qmax, half_even, requantize_out, out):
+    """``out[c]`` = :func:`store_accumulators`'s value for ``acc[c]``, each lane with its own channel's
+    offset and multiplier (``params``: :func:`lane_params`): for kernels that hold channels innermost."""
+    offsets, offsets64, m, mant, shf, half = params
+    if not requantize_out:
+        for c in range(count):
+            out[c] = np.int64(acc[c]) + offsets[c]
+    elif half_even:
+        lo, hi = np.float32(qmin - zero_point), np.float32(qmax - zero_point)
+        for c in range(count):
+            out[c] = requantize_float_scalar(acc[c], offsets64[c], m[c], zero_point, lo, hi)
+    else:
+        for c in range(count):
+            out[c] = requantize_scalar(np.int64(acc[c]) + offsets[c], mant[c], shf[c], half[c], zero_point, qmin, qmax)
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _requantize_kernel(acc3, offset, f32, mantissa, shift, zero_point, qmin, qmax, half_even, out3):
     n_batch, n_chan, n_space = acc3.shape

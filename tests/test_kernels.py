@@ -1,12 +1,17 @@
 """numba kernels == numpy reference kernels, integer for integer, over generated shapes and widths."""
+import gc
+
 import numpy as np
 import pytest
+from unittest import mock
+
 from hypothesis import given, settings, strategies as st
 
 from quant.backends import get_backend
 from quant.fixedpoint import OutputSpec, Requant
 from quant.ops.add import AddRescale
-from quant.ops import int8_gemm
+from quant.ops import int8_gemm, packing
+from quant.ops import conv as conv_module
 from quant.ops.conv import STACKED_ELEMENTS, ConvGeometry
 from quant.ops.packing import freeze
 from quant.ops.pool import PoolGeometry
@@ -28,6 +33,15 @@ def random_output_spec(rng, channels, wide):
     zp = int(rng.integers(-128, 128))
     lo = zp if rng.random() < 0.3 else -128
     return OutputSpec(rq, zp, lo, 127, str(rng.choice(["half_even", "half_away"])), np.int8)
+
+
+DEPTHWISE_LOOPS = ("planes", "channels last")
+
+
+def depthwise_loop(loop: str):
+    """Make every depthwise conv take one loop (quant.ops.conv picks by the size of the output planes) when it
+    is prepared: a stored (frozen) layer keeps the loop of its first call, so pass writable weights."""
+    return mock.patch.object(conv_module, "CHANNELS_LAST_MAX_OUTPUTS", 0 if loop == "planes" else 10 ** 9)
 
 
 @st.composite
@@ -63,6 +77,11 @@ def test_conv(case, xbits, wbits, seed):
         assert np.array_equal(FAST.conv(x, zp, frozen, bias, geometry, spec), REF.conv(x, zp, w, bias, geometry, spec))
     other = x.astype(np.int16) * 3 if xbits == 8 else (x // 256).astype(np.int8)  # same weights, other input type
     assert np.array_equal(FAST.conv(other, 0, frozen, bias, geometry), REF.conv(other, 0, w, bias, geometry))
+    if geometry.groups == x_shape[1] == w_shape[0]:  # depthwise: both loops, whatever the planes' size
+        for loop in DEPTHWISE_LOOPS:
+            with depthwise_loop(loop):
+                assert np.array_equal(FAST.conv(x, zp, w, bias, geometry), expected)
+                assert np.array_equal(FAST.conv(x, zp, w, bias, geometry, spec), REF.conv(x, zp, w, bias, geometry, spec))
 
 
 def test_conv_long_reduction_splits_exactly():
@@ -92,18 +111,24 @@ def test_depthwise_stacks_of_images_split_exactly(stride):
         assert np.array_equal(FAST.conv(x, 7, w, bias, geometry, spec), REF.conv(x, 7, w, bias, geometry, spec))
 
 
+@pytest.mark.parametrize("loop", DEPTHWISE_LOOPS)
 @pytest.mark.parametrize("stride, dilation, bits", [(1, 1, 8), (2, 1, 8), (1, 2, 8), (2, 2, 16), (3, 1, 16)])
-def test_depthwise_nine_taps(stride, dilation, bits):
-    """3x3 depthwise kernels take the one-pass nine-tap loop; every stride phase and dilation lands on the
-    reference integers, in float32 (8-bit) and float64 (16-bit inputs)."""
+def test_depthwise_nine_taps(stride, dilation, bits, loop):
+    """3x3 depthwise kernels take a one-pass nine-tap loop in both layouts; every stride phase and dilation
+    lands on the reference integers, in float32 (8-bit) and float64 (16-bit inputs), full-range values
+    included; channel blocks (at least 32 channels) end partway through the 40 channels."""
     rng = np.random.default_rng(stride * 10 + dilation)
-    x, w = ints(rng, (3, 4, 17, 13), bits), ints(rng, (4, 1, 3, 3), 8, narrow=True)
-    geometry = ConvGeometry((stride, stride), (2, 1, 1, 2), (dilation, dilation), 4)
-    bias = rng.integers(-1000, 1000, 4)
+    x, w = ints(rng, (3, 40, 17, 13), bits), ints(rng, (40, 1, 3, 3), 8, narrow=True)
+    x[0], w[0] = np.iinfo(x.dtype).min, 127  # extremes maximise the sums
+    geometry = ConvGeometry((stride, stride), (2, 1, 1, 2), (dilation, dilation), 40)
+    bias = rng.integers(-1000, 1000, 40)
     zp = 9 if bits == 8 else 0
-    assert np.array_equal(FAST.conv(x, zp, w, bias, geometry), REF.conv(x, zp, w, bias, geometry))
-    spec = random_output_spec(rng, 4, bits > 8)
-    assert np.array_equal(FAST.conv(x, zp, w, bias, geometry, spec), REF.conv(x, zp, w, bias, geometry, spec))
+    spec = random_output_spec(rng, 40, bits > 8)
+    with depthwise_loop(loop):
+        for images in (x[:1], x):
+            assert np.array_equal(FAST.conv(images, zp, w, bias, geometry), REF.conv(images, zp, w, bias, geometry))
+            assert np.array_equal(FAST.conv(images, zp, w, bias, geometry, spec),
+                                  REF.conv(images, zp, w, bias, geometry, spec))
 
 
 @settings(max_examples=60, deadline=None)
@@ -179,6 +204,21 @@ def test_pools(case, bits, mode, seed):
     assert np.array_equal(FAST.avgpool(x, zp, geometry, mode), REF.avgpool(x, zp, geometry, mode))
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 40), st.integers(1, 9), st.integers(1, 9), st.sampled_from([8, 16]), MODES,
+       SEEDS)
+def test_global_pools(n, c, h, w, bits, mode, seed):
+    """A window of the whole plane (GlobalAveragePool) takes its own reduction loop; extremes included."""
+    rng = np.random.default_rng(seed)
+    x = ints(rng, (n, c, h, w), bits)
+    if rng.random() < 0.2:
+        x[:] = np.iinfo(x.dtype).min
+    zp = int(rng.integers(-128, 128)) if bits == 8 else 0
+    whole = PoolGeometry((h, w))
+    assert np.array_equal(FAST.maxpool(x, whole), REF.maxpool(x, whole))
+    assert np.array_equal(FAST.avgpool(x, zp, whole, mode), REF.avgpool(x, zp, whole, mode))
+
+
 def test_global_average_pool_rounds_by_mode():
     x = np.array([1, 2, 3, 4, 5, 6, 7, 9], np.int8).reshape(1, 1, 2, 4)  # mean 4.625 -> 5; and ties below
     whole = PoolGeometry((2, 4))
@@ -188,6 +228,8 @@ def test_global_average_pool_rounds_by_mode():
     tie = np.array([2, 3], np.int8).reshape(1, 1, 1, 2)  # mean 2.5
     assert REF.avgpool(tie, 0, PoolGeometry((1, 2)), "half_even")[0, 0, 0, 0] == 2
     assert REF.avgpool(tie, 0, PoolGeometry((1, 2)), "half_away")[0, 0, 0, 0] == 3
+    for mode, expected in (("half_even", 2), ("half_away", 3)):
+        assert FAST.avgpool(tie, 0, PoolGeometry((1, 2)), mode)[0, 0, 0, 0] == expected
 
 
 @pytest.fixture(params=["int8 instructions", "float BLAS"])
@@ -236,3 +278,38 @@ def test_im2col_conv_on_both_paths(product_path):
     spec = random_output_spec(rng, 40, False)
     assert np.array_equal(FAST.conv(x, 5, w, bias, geometry, spec), REF.conv(x, 5, w, bias, geometry, spec))
     assert np.array_equal(FAST.conv(x, 5, w, bias, geometry), REF.conv(x, 5, w, bias, geometry))
+
+
+@pytest.mark.parametrize("kind", ["pointwise", "im2col", "depthwise", "linear"])
+def test_prepared_calls_follow_their_inputs_and_free_with_the_weights(kind):
+    """A stored layer's call is prepared once per input shape (quant.ops.packing.prepared): a new bias or
+    output spec, or a bias edited in place, gives their integers, not the prepared ones; dropping the
+    weights drops what was prepared for them (nothing in the cache keeps them alive)."""
+    rng = np.random.default_rng(3)
+    geometry = {"pointwise": ConvGeometry(), "im2col": ConvGeometry(pads=(1, 1, 1, 1)),
+                "depthwise": ConvGeometry(pads=(1, 1, 1, 1), groups=40)}.get(kind)
+    shapes = {"pointwise": ((1, 40, 4, 4), (24, 40, 1, 1)), "im2col": ((2, 40, 5, 5), (24, 40, 3, 3)),
+              "depthwise": ((1, 40, 4, 4), (40, 1, 3, 3)), "linear": ((3, 40), (24, 40))}[kind]
+    x, w = ints(rng, shapes[0], 8), freeze(ints(rng, shapes[1], 8, narrow=True))
+
+    def both(bias, spec):
+        if kind == "linear":
+            return FAST.linear(x, 5, w, bias, spec), REF.linear(x, 5, w, bias, spec)
+        return FAST.conv(x, 5, w, bias, geometry, spec), REF.conv(x, 5, w, bias, geometry, spec)
+
+    entries = len(packing._PACKED)
+    spec = random_output_spec(rng, w.shape[0], False)
+    bias = freeze(rng.integers(-1000, 1000, w.shape[0]))
+    for new_bias, new_spec in [(bias, spec), (bias, spec), (freeze(bias + 7), spec),
+                               (bias, random_output_spec(rng, w.shape[0], False)), (bias, None)]:
+        got, expected = both(new_bias, new_spec)
+        assert np.array_equal(got, expected)
+    editable = bias.copy()
+    for _ in range(2):
+        editable += 100
+        got, expected = both(editable, spec)
+        assert np.array_equal(got, expected)
+    assert len(packing._PACKED) > entries
+    del w
+    gc.collect()
+    assert len(packing._PACKED) == entries

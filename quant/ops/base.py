@@ -45,6 +45,7 @@ class WeightedNode(Node):
 
     def __setattr__(self, name, value):
         super().__setattr__(name, freeze(value) if name in ("weight", "bias") else value)
+        self.__dict__.pop("_output_specs", None)  # derived from the fields: made again when one is set
 
     def __post_init__(self):
         if self.clamp is None:
@@ -77,8 +78,13 @@ class WeightedNode(Node):
         return self.compute(kernels, xs[0], *self.weights_from(overrides), None)
 
     def output_spec(self, rounding: str) -> OutputSpec:
-        lo, hi = self.clamp
-        return OutputSpec(self.requant, self.out_params.zero_point, lo, hi, rounding, self.out_params.dtype)
+        """The same object on every call while the node is unchanged, so that the kernels' prepared calls
+        (ops.packing.prepared), which are kept for the very spec they were made for, are reused."""
+        specs = self.__dict__.setdefault("_output_specs", {})
+        if rounding not in specs:
+            lo, hi = self.clamp
+            specs[rounding] = OutputSpec(self.requant, self.out_params.zero_point, lo, hi, rounding, self.out_params.dtype)
+        return specs[rounding]
 
     def run(self, kernels, xs, rounding, overrides=None):
         return self.compute(kernels, xs[0], *self.weights_from(overrides), self.output_spec(rounding))

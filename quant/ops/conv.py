@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from ..fixedpoint import ACCUMULATOR_SPEC, OutputSpec, store_accumulators
+from ..fixedpoint import ACCUMULATOR_SPEC, OutputSpec, lane_params, store_accumulators, store_lanes
 from .base import WeightedNode
 from .exact_gemm import FLOAT32_EXACT, gemm_weights, largest_magnitude, zero_point_offset
 from . import int8_gemm
-from .matmul import matmul_requant
-from .packing import packed
+from .matmul import prepare_matmul
+from .packing import packed, prepared
 
 
 @dataclass(frozen=True)
@@ -180,6 +180,70 @@ def _depthwise_kernel(x, x_zp, w, kh, kw, offset, sh, sw, pt, pl, dh, dw, hq, wq
                         dst[oy, ox] = stage[_at(row + ox)]
 
 
+@numba.njit(cache=True, nogil=True)
+def _nine_lanes(xp, start, cb, row, col, wb, lane):
+    """``lane[:cb]`` = a 3x3 kernel's nine products summed, channel by channel, the kernel's top-left tap at
+    ``xp[start]``, its next column ``col`` and next row ``row`` elements on, and ``wb[tap * cb + c]`` the
+    block's weights: one pass, as :func:`_nine_taps` does for planes."""
+    a0, a1, a2 = start, start + col, start + 2 * col
+    b0, b1, b2 = a0 + row, a1 + row, a2 + row
+    e0, e1, e2 = b0 + row, b1 + row, b2 + row
+    for c in range(cb):
+        lane[c] = (xp[_at(a0 + c)] * wb[c] + xp[_at(a1 + c)] * wb[_at(cb + c)] + xp[_at(a2 + c)] * wb[_at(2 * cb + c)]
+                   + xp[_at(b0 + c)] * wb[_at(3 * cb + c)] + xp[_at(b1 + c)] * wb[_at(4 * cb + c)]
+                   + xp[_at(b2 + c)] * wb[_at(5 * cb + c)] + xp[_at(e0 + c)] * wb[_at(6 * cb + c)]
+                   + xp[_at(e1 + c)] * wb[_at(7 * cb + c)] + xp[_at(e2 + c)] * wb[_at(8 * cb + c)])
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _depthwise_channels_last_kernel(x, x_zp, wt, kh, kw, offset, sh, sw, pt, pl, dh, dw, f32, mantissa, shift,
+                                    zero_point, qmin, qmax, half_even, requantize_out, block, out):
+    """Depthwise conv of small planes, ``block`` channels of one image at a time, channels innermost.
+
+    On a 4x4 output plane the plane-by-plane loops of :func:`_depthwise_kernel` are a few dozen elements
+    long, and their fixed cost per channel is most of the work.
+    Here the block's planes are transposed into one padded buffer ``xp[position, channel]`` (``wt`` is
+    ``[tap, channel]``), so every output position is a multiply-add over the block's channels, contiguous
+    in memory, for any stride or dilation (a tap only moves the buffer row), and is requantized across the
+    channels with their own multipliers. Sums are exact in ``wt``'s float type, as there.
+    """
+    n_batch, n_chan, h, wd = x.shape
+    ho, wo = out.shape[2], out.shape[3]
+    hp, wp = (ho - 1) * sh + (kh - 1) * dh + 1, (wo - 1) * sw + (kw - 1) * dw + 1  # padded extent read
+    n_blocks = (n_chan + block - 1) // block
+    flat = x.reshape(-1)
+    for t in numba.prange(n_batch * n_blocks):
+        b, c0 = t // n_blocks, (t % n_blocks) * block
+        cb = min(n_chan, c0 + block) - c0
+        xp = np.full(hp * wp * cb, x_zp, dtype=wt.dtype)
+        for iy in range(max(0, -pt), min(h, hp - pt)):
+            for ix in range(max(0, -pl), min(wd, wp - pl)):
+                dst, src = ((iy + pt) * wp + ix + pl) * cb, ((b * n_chan + c0) * h + iy) * wd + ix
+                for c in range(cb):
+                    xp[_at(dst + c)] = flat[_at(src + c * h * wd)]
+        wb = np.empty(kh * kw * cb, dtype=wt.dtype)  # the block's weights, [tap, channel]
+        for tap in range(kh * kw):
+            wb[tap * cb:(tap + 1) * cb] = wt[tap * n_chan + c0:tap * n_chan + c0 + cb]
+        lane, stage = np.empty(cb, dtype=wt.dtype), np.empty(cb, dtype=out.dtype)
+        params = lane_params(c0, cb, offset, f32, mantissa, shift)
+        for oy in range(ho):
+            for ox in range(wo):
+                start = (oy * sh * wp + ox * sw) * cb
+                if kh * kw == 9:
+                    _nine_lanes(xp, start, cb, dh * wp * cb, dw * cb, wb, lane)
+                else:
+                    lane[:] = 0
+                    for i in range(kh):
+                        for j in range(kw):
+                            src, tap = start + (i * dh * wp + j * dw) * cb, (i * kw + j) * cb
+                            for c in range(cb):
+                                lane[c] += xp[_at(src + c)] * wb[_at(tap + c)]
+                store_lanes(lane, cb, params, zero_point, qmin, qmax, half_even, requantize_out, stage)
+                dst = out[b, :, oy, ox]
+                for c in range(cb):
+                    dst[_at(c0 + c)] = stage[c]
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _im2col_kernel(x, x_zp, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo, cols):
     """cols[b, (c, i, j), (oy, ox)] = x at that tap, or x_zp (real zero) in the padding."""
@@ -201,25 +265,88 @@ def _im2col_kernel(x, x_zp, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo, cols):
 # images are stacked: 16 KB of float32 keeps the buffer and the accumulator in L1/L2 while a 7x7 plane's
 # 61-element loops become ~1000 long.
 STACKED_ELEMENTS = 4096
+# Output planes up to which depthwise convs hold channels innermost (_depthwise_channels_last_kernel). On
+# MobileNetV2's depthwise shapes against the plane loop, same integers: 4x4 outputs 1.2-1.7x faster at
+# batch 1 and 16; 7x7 1.14x at batch 1 but 0.81x at batch 16, and no gain in a whole batch-1 224 px
+# forward; 8x8 0.93x at batch 1, slower beyond (docs/engine.md).
+CHANNELS_LAST_MAX_OUTPUTS = 16
+CHANNEL_BLOCK_MIN = 32  # channels per task: shorter lanes do not amortise a position's loop
 
 
-def _depthwise(x, x_zp, w, offset, geometry, ho, wo, out):
-    (sh, sw), (dh, dw), (pt, pl, _, _) = geometry.stride, geometry.dilation, geometry.pads
+def _prepare_depthwise(x_shape, x_dtype, x_zp, w, offset, geometry, ho, wo, out):
+    """Depthwise conv on whichever loop suits its planes: channels innermost for small ones, else plane by plane."""
     taps = w.shape[2] * w.shape[3]
-    exact = np.float32 if taps * largest_magnitude(x.dtype) * largest_magnitude(w.dtype) < FLOAT32_EXACT else np.float64
+    exact = np.float32 if taps * largest_magnitude(x_dtype) * largest_magnitude(w.dtype) < FLOAT32_EXACT else np.float64
     spec = out or ACCUMULATOR_SPEC
-    result = np.empty((x.shape[0], w.shape[0], ho, wo), dtype=spec.dtype)
     rq = spec.requant
+    (sh, sw), (dh, dw), (pt, pl, _, _) = geometry.stride, geometry.dilation, geometry.pads
+    arguments = (rq.float32, rq.mantissa, rq.shift, int(spec.zero_point), int(spec.qmin), int(spec.qmax),
+                 spec.mode == "half_even", out is not None)
+    shape, (kh, kw) = (x_shape[0], w.shape[0], ho, wo), w.shape[2:]
+    if ho * wo <= CHANNELS_LAST_MAX_OUTPUTS:
+        floats = packed(w, ("depthwise channels last", exact), lambda: w.reshape(w.shape[0], -1).T.astype(exact).ravel())
+        blocks_per_image = -(-2 * numba.get_num_threads() // x_shape[0])  # about two tasks a thread
+        block = min(w.shape[0], max(CHANNEL_BLOCK_MIN, -(-w.shape[0] // blocks_per_image)))
+
+        def channels_last(x):
+            result = np.empty(shape, dtype=spec.dtype)
+            _depthwise_channels_last_kernel(x, x_zp, floats, kh, kw, offset, sh, sw, pt, pl, dh, dw, *arguments, block,
+                                            result)
+            return result
+
+        return channels_last
     # phase rows and columns: the outputs plus the kernel's reach, in strides
-    hq, wq = ho + ((w.shape[2] - 1) * dh) // sh, wo + ((w.shape[3] - 1) * dw) // sw
-    stack = max(1, min(x.shape[0], STACKED_ELEMENTS // (hq * wq)))
-    n_tasks = min(-(-x.shape[0] // stack) * w.shape[0], 8 * numba.get_num_threads())
-    stages = np.empty((n_tasks, stack * hq * wq), np.int64 if out is None else np.int32)  # outputs before storing
+    hq, wq = ho + ((kh - 1) * dh) // sh, wo + ((kw - 1) * dw) // sw
+    stack = max(1, min(x_shape[0], STACKED_ELEMENTS // (hq * wq)))
+    n_tasks = min(-(-x_shape[0] // stack) * w.shape[0], 8 * numba.get_num_threads())
     floats = packed(w, ("depthwise", exact), lambda: w.reshape(w.shape[0], -1).astype(exact))
-    _depthwise_kernel(x, x_zp, floats, w.shape[2], w.shape[3], offset, sh, sw,
-                      pt, pl, dh, dw, hq, wq, rq.float32, rq.mantissa, rq.shift, int(spec.zero_point), int(spec.qmin),
-                      int(spec.qmax), spec.mode == "half_even", out is not None, stack, stages, result)
-    return result
+
+    def planes(x):
+        result = np.empty(shape, dtype=spec.dtype)
+        stages = np.empty((n_tasks, stack * hq * wq), np.int64 if out is None else np.int32)  # outputs before storing
+        _depthwise_kernel(x, x_zp, floats, kh, kw, offset, sh, sw, pt, pl, dh, dw, hq, wq, *arguments, stack, stages,
+                          result)
+        return result
+
+    return planes
+
+
+def _prepare_conv(x_shape, x_dtype, x_zp, w, bias, geometry, out):
+    """The function ``x -> conv`` for inputs of ``x_shape`` and ``x_dtype``, everything else computed once.
+    It holds packed copies of ``w``, never ``w`` or a view of it (see ops.packing.prepared)."""
+    (sh, sw), (dh, dw), (pt, pl, _, _) = geometry.stride, geometry.dilation, geometry.pads
+    g = geometry.groups
+    n, c, h, wd = x_shape
+    o, cg, kh, kw = w.shape
+    ho, wo = geometry.output_hw(h, wd, kh, kw)
+    offset = zero_point_offset(bias, x_zp, w)
+    if cg == 1 and o == g:
+        return _prepare_depthwise(x_shape, x_dtype, x_zp, w, offset, geometry, ho, wo, out)
+    og, k = o // g, cg * kh * kw
+    # im2col columns: int8 for the int8 dot-product path, else the float type whose products are exact
+    cols_dtype = np.int8 if int8_gemm.usable(x_dtype, w.dtype, k) else (np.float32 if x_dtype.itemsize == 1 else np.float64)
+    pointwise = kh == kw == 1 and geometry.pads == (0, 0, 0, 0) and (sh, sw) == (1, 1)
+    products = []  # a fused, tiled GEMM + requantization per group
+    for gi in range(g):
+        channels = slice(gi * og, (gi + 1) * og)
+        wg = w[channels].reshape(og, k)
+        products.append(prepare_matmul((n, k, ho * wo), x_dtype if pointwise else cols_dtype, wg, offset[channels],
+                                       out if g == 1 else out and out.channels(channels),
+                                       lambda: packed(w, ("gemm", x_dtype, gi), lambda: gemm_weights(wg, x_dtype))))
+
+    def run(x):
+        groups = []
+        for gi, product in enumerate(products):  # a 1x1 stride-1 conv needs no im2col
+            xg = x if g == 1 else np.ascontiguousarray(x[:, gi * cg:(gi + 1) * cg])
+            if pointwise:
+                cols = xg.reshape(n, cg, h * wd)
+            else:
+                cols = np.empty((n, k, ho * wo), dtype=cols_dtype)
+                _im2col_kernel(xg, x_zp, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo, cols)
+            groups.append(product(cols))
+        return (groups[0] if g == 1 else np.concatenate(groups, axis=1)).reshape(n, o, ho, wo)
+
+    return run
 
 
 def conv_numba(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray, geometry: ConvGeometry,
@@ -228,36 +355,14 @@ def conv_numba(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray, geomet
     on int8 instructions or float BLAS (ops/matmul.py).
 
     Both compute ``sum x * w`` on the raw integers and add ``bias - x_zp * sum w`` per channel, fused
-    into the requantization pass when ``out`` is given.
+    into the requantization pass when ``out`` is given. What a call needs besides ``x`` is prepared once
+    per input shape for a stored layer (ops.packing.prepared).
     """
     check_conv_shapes(x, w, geometry)
-    (sh, sw), (dh, dw), (pt, pl, _, _) = geometry.stride, geometry.dilation, geometry.pads
-    g = geometry.groups
-    n, c, h, wd = x.shape
-    o, cg, kh, kw = w.shape
-    ho, wo = geometry.output_hw(h, wd, kh, kw)
-    x = np.ascontiguousarray(x)
-    offset = zero_point_offset(bias, x_zp, w)
-    if cg == 1 and o == g:
-        return _depthwise(x, int(x_zp), w, offset, geometry, ho, wo, out)
-    og, k = o // g, cg * kh * kw
-    # im2col columns: int8 for the int8 dot-product path, else the float type whose products are exact
-    cols_dtype = np.int8 if int8_gemm.usable(x.dtype, w.dtype, k) else (np.float32 if x.itemsize == 1 else np.float64)
-    pointwise = kh == kw == 1 and geometry.pads == (0, 0, 0, 0) and (sh, sw) == (1, 1)
-    groups = []
-    for gi in range(g):  # a fused, tiled GEMM + requantization per group; a 1x1 stride-1 conv needs no im2col
-        xg = x if g == 1 else np.ascontiguousarray(x[:, gi * cg:(gi + 1) * cg])
-        if pointwise:
-            cols = xg.reshape(n, cg, h * wd)
-        else:
-            cols = np.empty((n, k, ho * wo), dtype=cols_dtype)
-            _im2col_kernel(xg, int(x_zp), kh, kw, sh, sw, pt, pl, dh, dw, ho, wo, cols)
-        channels = slice(gi * og, (gi + 1) * og)
-        wg = w[channels].reshape(og, k)
-        group_out = out if g == 1 else out and out.channels(channels)
-        groups.append(matmul_requant(cols, wg, offset[channels], group_out,
-                                     lambda: packed(w, ("gemm", x.dtype, gi), lambda: gemm_weights(wg, x.dtype))))
-    return (groups[0] if g == 1 else np.concatenate(groups, axis=1)).reshape(n, o, ho, wo)
+    x_zp = int(x_zp)
+    run = prepared(w, ("conv", x.shape, x.dtype, x_zp, geometry), (bias, out),
+                   lambda: _prepare_conv(x.shape, x.dtype, x_zp, w, bias, geometry, out))
+    return run(np.ascontiguousarray(x))
 
 
 @dataclass

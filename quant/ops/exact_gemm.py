@@ -156,7 +156,7 @@ def _gemm_requant_kernel(x3, w3, offset, f32, mantissa, shift, zero_point, qmin,
 
 
 def gemm_weights(w: np.ndarray, x_dtype) -> np.ndarray:
-    """The integer matrix ``w`` (O, K) as the float chunks :func:`gemm_requant` multiplies: (chunks, O, chunk)
+    """The integer matrix ``w`` (O, K) as the float chunks :func:`prepare_gemm` multiplies: (chunks, O, chunk)
     in the float type and chunk length that keep products with ``x_dtype`` inputs exact, chunk-major and
     zero-padded past K."""
     o, k = w.shape
@@ -173,7 +173,7 @@ def gemm_weights(w: np.ndarray, x_dtype) -> np.ndarray:
 
 
 def gemm_plan(columns: int, outputs: int, threads: int, max_tile: int = 256) -> tuple[int, int]:
-    """(columns per tile, outputs per block) of the tasks :func:`gemm_requant` hands to ``threads``.
+    """(columns per tile, outputs per block) of the tasks :func:`prepare_gemm` hands to ``threads``.
 
     About two tasks a thread; a tile holds 64 to ``max_tile`` columns (its K x tile float block stays in
     cache, and BLAS is inefficient on narrower products); when the columns make fewer tiles than that, the
@@ -192,18 +192,22 @@ def gemm_plan(columns: int, outputs: int, threads: int, max_tile: int = 256) -> 
     return tile, -(-outputs // n_blocks)
 
 
-def gemm_requant(x3: np.ndarray, w3: np.ndarray, offset: np.ndarray, out) -> np.ndarray:
-    """``requantize(w @ x3[b] + offset)`` for every image ``b`` of ``x3`` (N, K, S), exactly, with ``w3`` the
-    weights packed by :func:`gemm_weights` for ``x3``'s integer type (x3 may hold the integers in floats,
-    e.g. im2col columns) and ``out`` an OutputSpec (None: int64 accumulators). Returns (N, O, S)."""
-    n, _, s = x3.shape
+def prepare_gemm(x_shape: tuple, w3: np.ndarray, offset: np.ndarray, out):
+    """A function ``x3 -> requantize(w @ x3[b] + offset)``, exactly, for ``x3`` of shape ``x_shape`` (N, K, S),
+    with ``w3`` the weights packed by :func:`gemm_weights` for ``x3``'s integer type (x3 may hold the integers
+    in floats, e.g. im2col columns) and ``out`` an OutputSpec (None: int64 accumulators); it returns (N, O, S)."""
+    n, _, s = x_shape
     o = w3.shape[1]
     _single_threaded_scipy_blas()
     spec = out or ACCUMULATOR_SPEC
-    result = np.empty((n, o, s), dtype=spec.dtype)
     tile, block = gemm_plan(n * s, o, numba.get_num_threads())
     rq = spec.requant
-    _gemm_requant_kernel(np.ascontiguousarray(x3), w3, offset.astype(np.int64, copy=False), rq.float32, rq.mantissa,
-                         rq.shift, int(spec.zero_point), int(spec.qmin), int(spec.qmax), spec.mode == "half_even",
-                         out is not None, tile, block, result)
-    return result
+    arguments = (offset.astype(np.int64), rq.float32, rq.mantissa, rq.shift, int(spec.zero_point), int(spec.qmin),
+                 int(spec.qmax), spec.mode == "half_even", out is not None, tile, block)
+
+    def run(x3: np.ndarray) -> np.ndarray:
+        result = np.empty((n, o, s), dtype=spec.dtype)
+        _gemm_requant_kernel(x3, w3, *arguments, result)
+        return result
+
+    return run

@@ -101,19 +101,25 @@ def _kernel(gemm, x3, w, offset, f32, mantissa, shift, zero_point, qmin, qmax, h
     return failures
 
 
-def int8_gemm_requant(x3: np.ndarray, w: np.ndarray, offset: np.ndarray, out) -> np.ndarray:
-    """``requantize(w @ x3[b] + offset)`` for int8 ``x3`` (N, K, S) and int8 ``w`` (O, K); ``out`` an
-    OutputSpec (None: int64 accumulators). Returns (N, O, S). Call only where :func:`usable` says so."""
-    x3, w = np.ascontiguousarray(x3), np.ascontiguousarray(w)
-    n, _, s = x3.shape
+def prepare_int8_gemm(x_shape: tuple, w: np.ndarray, offset: np.ndarray, out):
+    """A function ``x3 -> requantize(w @ x3[b] + offset)`` for int8 ``x3`` of shape ``x_shape`` (N, K, S) and
+    int8 ``w`` (O, K); ``out`` an OutputSpec (None: int64 accumulators); it returns (N, O, S). It keeps a
+    copy of ``w``, not ``w``, so that a cache of it cannot keep ``w`` alive (ops.packing.prepared). Call only
+    where :func:`usable` says so."""
+    n, _, s = x_shape
+    w = np.array(w, order="C")
     tile, block = gemm_plan(n * s, w.shape[0], numba.get_num_threads(), MAX_TILE)
     spec = out or ACCUMULATOR_SPEC
-    result = np.empty((n, w.shape[0], s), dtype=spec.dtype)
-    rq = spec.requant
-    failures = _kernel(gemm_function(), x3, w, offset.astype(np.int64, copy=False), rq.float32, rq.mantissa, rq.shift,
-                       int(spec.zero_point), int(spec.qmin), int(spec.qmax), spec.mode == "half_even", out is not None,
-                       min(tile, s), block, result)
-    if failures:
-        raise RuntimeError(f"oneDNN's dnnl_gemm_s8s8s32 failed on {failures} tiles of {w.shape} x {x3.shape}: "
-                           f"set FWDGRAD_INT8_GEMM=0 to use the float path")
-    return result
+    rq, gemm = spec.requant, gemm_function()
+    arguments = (offset.astype(np.int64), rq.float32, rq.mantissa, rq.shift, int(spec.zero_point), int(spec.qmin),
+                 int(spec.qmax), spec.mode == "half_even", out is not None, min(tile, s), block)
+
+    def run(x3: np.ndarray) -> np.ndarray:
+        result = np.empty((n, w.shape[0], s), dtype=spec.dtype)
+        failures = _kernel(gemm, x3, w, *arguments, result)
+        if failures:
+            raise RuntimeError(f"oneDNN's dnnl_gemm_s8s8s32 failed on {failures} tiles of {w.shape} x {x3.shape}: "
+                               f"set FWDGRAD_INT8_GEMM=0 to use the float path")
+        return result
+
+    return run

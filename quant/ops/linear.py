@@ -12,8 +12,8 @@ import numpy as np
 from .base import WeightedNode
 from ..fixedpoint import OutputSpec
 from .exact_gemm import gemm_weights, zero_point_offset
-from .matmul import matmul_requant
-from .packing import packed
+from .matmul import prepare_matmul
+from .packing import packed, prepared
 
 
 def check_linear_shapes(x: np.ndarray, w: np.ndarray) -> None:
@@ -29,12 +29,22 @@ def linear_reference(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray,
     return acc if out is None else out.apply(acc)
 
 
+def _prepare_linear(x_shape, x_dtype, x_zp, w, bias, out):
+    """The function ``x -> linear`` for inputs of ``x_shape``: the batch is the product's columns (one GEMM,
+    not a matrix-vector product per image)."""
+    n, k = x_shape
+    product = prepare_matmul((1, k, n), x_dtype, w, zero_point_offset(bias, x_zp, w), out,
+                             lambda: packed(w, ("gemm", x_dtype), lambda: gemm_weights(w, x_dtype)))
+    return lambda x: np.ascontiguousarray(product(np.ascontiguousarray(x.T)[np.newaxis])[0].T)
+
+
 def linear_numba(x: np.ndarray, x_zp: int, w: np.ndarray, bias: np.ndarray,
                  out: OutputSpec | None = None) -> np.ndarray:
     """Same integers as :func:`linear_reference`, via int8 dot products or exact float BLAS on the raw integers."""
     check_linear_shapes(x, w)
-    return matmul_requant(x.reshape(x.shape[0], x.shape[1], 1), w, zero_point_offset(bias, x_zp, w), out,
-                          lambda: packed(w, ("gemm", x.dtype), lambda: gemm_weights(w, x.dtype)))[:, :, 0]
+    x_zp = int(x_zp)
+    return prepared(w, ("linear", x.shape, x.dtype, x_zp), (bias, out),
+                    lambda: _prepare_linear(x.shape, x.dtype, x_zp, w, bias, out))(x)
 
 
 @dataclass

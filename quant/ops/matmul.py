@@ -11,13 +11,15 @@ from typing import Callable
 import numpy as np
 
 from . import int8_gemm
-from .exact_gemm import gemm_requant
+from .exact_gemm import prepare_gemm
 
 
-def matmul_requant(x3: np.ndarray, w: np.ndarray, offset: np.ndarray, out, float_weights: Callable[[], np.ndarray]):
-    """``requantize(w @ x3[b] + offset)`` for every image ``b`` of ``x3`` (N, K, S), with ``w`` the (O, K)
-    integer weights, ``out`` an OutputSpec (None: int64 accumulators) and ``float_weights()`` the packed
-    float chunks of ``w`` the float path needs (only computed if it runs). Returns (N, O, S)."""
-    if int8_gemm.usable(x3.dtype, w.dtype, w.shape[1]):
-        return int8_gemm.int8_gemm_requant(x3, w, offset, out)
-    return gemm_requant(x3, float_weights(), offset, out)
+def prepare_matmul(x_shape: tuple, x_dtype, w: np.ndarray, offset: np.ndarray, out,
+                   float_weights: Callable[[], np.ndarray]):
+    """A function ``x3 -> requantize(w @ x3[b] + offset)`` for every image ``b`` of ``x3`` (``x_shape``: N, K,
+    S; integers of ``x_dtype``, or held in floats), with ``w`` the (O, K) integer weights, ``out`` an
+    OutputSpec (None: int64 accumulators) and ``float_weights()`` the packed float chunks of ``w`` the float
+    path needs (only computed if it runs). The function returns (N, O, S)."""
+    if int8_gemm.usable(x_dtype, w.dtype, w.shape[1]):
+        return int8_gemm.prepare_int8_gemm(x_shape, w, offset, out)
+    return prepare_gemm(x_shape, float_weights(), offset, out)

@@ -55,6 +55,16 @@ def avgpool_reference(x: np.ndarray, zp: int, g: PoolGeometry, mode: str) -> np.
     return (round_divide(total, count, mode) + zp).astype(x.dtype)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _rounded_mean(total, count, half_even):
+    """``total / count`` rounded to nearest, ties by the mode (round_divide's rule)."""
+    q = total // count  # floor, like numpy
+    twice = 2 * (total - q * count)
+    if twice > count or (twice == count and ((half_even and q % 2 == 1) or (not half_even and total >= 0))):
+        q += 1
+    return q
+
+
 @numba.njit(cache=True, nogil=True)
 def _pool_kernel(x, zp, kh, kw, sh, sw, pt, pl, include_pad, is_max, half_even, out):
     n_batch, n_chan, h, wd = x.shape
@@ -80,19 +90,36 @@ def _pool_kernel(x, zp, kh, kw, sh, sw, pt, pl, include_pad, is_max, half_even, 
                         continue
                     if include_pad:
                         count = kh * kw
-                    q = total // count  # floor, like numpy
-                    twice = 2 * (total - q * count)
-                    if twice > count or (twice == count and ((half_even and q % 2 == 1) or (not half_even and total >= 0))):
-                        q += 1
-                    out[b, c, oy, ox] = q + zp
+                    out[b, c, oy, ox] = _rounded_mean(total, count, half_even) + zp
+
+
+@numba.njit(cache=True, nogil=True)
+def _global_pool_kernel(x, zp, is_max, half_even, out):
+    """A window that is the whole plane (GlobalAveragePool): one contiguous reduction per plane, which
+    vectorizes, instead of the general loop's bounds-checked taps (a 1280 x 4 x 4 input took 60 us there)."""
+    n_batch, n_chan, h, wd = x.shape
+    planes = x.reshape(n_batch * n_chan, h * wd)
+    flat = out.reshape(n_batch * n_chan)
+    for p in range(n_batch * n_chan):
+        plane = planes[p]
+        if is_max:
+            flat[p] = plane.max()
+        else:
+            total = np.int64(0)
+            for i in range(h * wd):
+                total += np.int64(plane[i])
+            flat[p] = _rounded_mean(total - zp * h * wd, np.int64(h * wd), half_even) + zp
 
 
 def _pool_numba(x, zp, g: PoolGeometry, is_max: bool, mode: str) -> np.ndarray:
     ho, wo = g.output_hw(x.shape[2], x.shape[3])
     out = np.empty(x.shape[:2] + (ho, wo), dtype=x.dtype)
     (kh, kw), (sh, sw), (pt, pl, _, _) = g.kernel, g.stride, g.pads
-    _pool_kernel(np.ascontiguousarray(x), int(zp), kh, kw, sh, sw, pt, pl, g.count_include_pad, is_max,
-                 mode == "half_even", out)
+    x = np.ascontiguousarray(x)
+    if (kh, kw) == x.shape[2:] and g.pads == (0, 0, 0, 0):
+        _global_pool_kernel(x, int(zp), is_max, mode == "half_even", out)
+    else:
+        _pool_kernel(x, int(zp), kh, kw, sh, sw, pt, pl, g.count_include_pad, is_max, mode == "half_even", out)
     return out
 
 
