@@ -17,7 +17,7 @@ import numpy as np
 
 from ..fixedpoint import ACCUMULATOR_SPEC, OutputSpec, lane_params, store_accumulators, store_lanes
 from .base import WeightedNode
-from .exact_gemm import FLOAT32_EXACT, gemm_weights, largest_magnitude, zero_point_offset
+from .exact_gemm import FLOAT32_EXACT, largest_magnitude, zero_point_offset
 from . import int8_gemm
 from .matmul import prepare_matmul
 from .packing import packed, prepared
@@ -330,9 +330,8 @@ def _prepare_conv(x_shape, x_dtype, x_zp, w, bias, geometry, out):
     for gi in range(g):
         channels = slice(gi * og, (gi + 1) * og)
         wg = w[channels].reshape(og, k)
-        products.append(prepare_matmul((n, k, ho * wo), x_dtype if pointwise else cols_dtype, wg, offset[channels],
-                                       out if g == 1 else out and out.channels(channels),
-                                       lambda: packed(w, ("gemm", x_dtype, gi), lambda: gemm_weights(wg, x_dtype))))
+        products.append(prepare_matmul((n, k, ho * wo), x_dtype, wg, offset[channels],
+                                       out if g == 1 else out and out.channels(channels), w, ("group", gi)))
 
     def run(x):
         groups = []

@@ -103,11 +103,10 @@ def _kernel(gemm, x3, w, offset, f32, mantissa, shift, zero_point, qmin, qmax, h
 
 def prepare_int8_gemm(x_shape: tuple, w: np.ndarray, offset: np.ndarray, out):
     """A function ``x3 -> requantize(w @ x3[b] + offset)`` for int8 ``x3`` of shape ``x_shape`` (N, K, S) and
-    int8 ``w`` (O, K); ``out`` an OutputSpec (None: int64 accumulators); it returns (N, O, S). It keeps a
-    copy of ``w``, not ``w``, so that a cache of it cannot keep ``w`` alive (ops.packing.prepared). Call only
-    where :func:`usable` says so."""
+    int8 ``w`` (O, K), C-contiguous; ``out`` an OutputSpec (None: int64 accumulators); it returns (N, O, S).
+    The function keeps ``w``: pass a packing of a stored array, not the array (ops.matmul). Call only where
+    :func:`usable` says so."""
     n, _, s = x_shape
-    w = np.array(w, order="C")
     tile, block = gemm_plan(n * s, w.shape[0], numba.get_num_threads(), MAX_TILE)
     spec = out or ACCUMULATOR_SPEC
     rq, gemm = spec.requant, gemm_function()

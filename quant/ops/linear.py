@@ -11,9 +11,9 @@ import numpy as np
 
 from .base import WeightedNode
 from ..fixedpoint import OutputSpec
-from .exact_gemm import gemm_weights, zero_point_offset
+from .exact_gemm import zero_point_offset
 from .matmul import prepare_matmul
-from .packing import packed, prepared
+from .packing import prepared
 
 
 def check_linear_shapes(x: np.ndarray, w: np.ndarray) -> None:
@@ -33,8 +33,7 @@ def _prepare_linear(x_shape, x_dtype, x_zp, w, bias, out):
     """The function ``x -> linear`` for inputs of ``x_shape``: the batch is the product's columns (one GEMM,
     not a matrix-vector product per image)."""
     n, k = x_shape
-    product = prepare_matmul((1, k, n), x_dtype, w, zero_point_offset(bias, x_zp, w), out,
-                             lambda: packed(w, ("gemm", x_dtype), lambda: gemm_weights(w, x_dtype)))
+    product = prepare_matmul((1, k, n), x_dtype, w, zero_point_offset(bias, x_zp, w), out, w, ())
     return lambda x: np.ascontiguousarray(product(np.ascontiguousarray(x.T)[np.newaxis])[0].T)
 
 

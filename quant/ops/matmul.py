@@ -6,20 +6,22 @@ reference's integers (tests/test_kernels.py runs its int8 cases on both paths).
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 
 from . import int8_gemm
-from .exact_gemm import prepare_gemm
+from .exact_gemm import gemm_weights, prepare_gemm
+from .packing import packed
 
 
-def prepare_matmul(x_shape: tuple, x_dtype, w: np.ndarray, offset: np.ndarray, out,
-                   float_weights: Callable[[], np.ndarray]):
+def prepare_matmul(x_shape: tuple, x_dtype, w: np.ndarray, offset: np.ndarray, out, owner: np.ndarray, tag: tuple):
     """A function ``x3 -> requantize(w @ x3[b] + offset)`` for every image ``b`` of ``x3`` (``x_shape``: N, K,
-    S; integers of ``x_dtype``, or held in floats), with ``w`` the (O, K) integer weights, ``out`` an
-    OutputSpec (None: int64 accumulators) and ``float_weights()`` the packed float chunks of ``w`` the float
-    path needs (only computed if it runs). The function returns (N, O, S)."""
+    S; integers of ``x_dtype``, held as such on the int8 path or in floats on the float path, e.g. im2col
+    columns), with ``w`` the (O, K) integer weights, ``out`` an OutputSpec (None: int64 accumulators). It
+    returns (N, O, S). ``w`` is (a view of) the stored array ``owner``: the weights the kernels read are
+    packed on ``owner`` under ``tag`` (ops.packing), shared by every input shape, and the function holds
+    those copies, never ``w``."""
     if int8_gemm.usable(x_dtype, w.dtype, w.shape[1]):
-        return int8_gemm.prepare_int8_gemm(x_shape, w, offset, out)
-    return prepare_gemm(x_shape, float_weights(), offset, out)
+        rows = packed(owner, tag + ("int8 rows",), lambda: np.array(w, order="C"))
+        return int8_gemm.prepare_int8_gemm(x_shape, rows, offset, out)
+    chunks = packed(owner, tag + ("float chunks", x_dtype), lambda: gemm_weights(w, x_dtype))
+    return prepare_gemm(x_shape, chunks, offset, out)
