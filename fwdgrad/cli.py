@@ -202,6 +202,8 @@ def _cmd_verify_onnx(args) -> int:
           f"agreement {report['top1_agreement']:.4f}\n"
           f"  max integer difference of the logits {report['max_integer_difference']} "
           f"({report['differing_logits']:.2%} of logits differ)")
+    if "warning" in report:
+        print(f"  note: {report['warning']}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
@@ -224,6 +226,7 @@ EQUALIZE_HELP = ("per-channel activation equalization before quantizing: all (de
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fwdgrad.deploy import OPTIMIZATION_LEVELS
     from quant.convert import CALIBRATION_METHODS
     from quant.equalize import EQUALIZE_MODES
     from quant.tensor import SCALE_KINDS
@@ -316,8 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--run", dest="run_dir", required=True, help="the training run it came from (its engine)")
     verify.add_argument("--data", help="data set whose test split to compare on (default: the run's)")
     verify.add_argument("--samples", type=int, default=1000, help="test images to compare on")
-    verify.add_argument("--optimization", default="basic", choices=["basic", "all"],
-                        help="onnxruntime graph optimizations (all: its default, with CPU-specific fusions)")
+    verify.add_argument("--optimization", default="basic", choices=OPTIMIZATION_LEVELS,
+                        help="onnxruntime session: basic (the file's ONNX semantics), all (its default, with "
+                             "CPU-specific fusions) or int8 (all, with qdq groups fused into its int8 kernels)")
     verify.add_argument("--json", help="also write the report here")
     verify.set_defaults(run=_cmd_verify_onnx)
 

@@ -2,7 +2,8 @@
 
 ImageNet MobileNetV2 (the zoo's pretrained weights) quantized on real photo crops, exported as qop and qdq
 at each bit width, run in onnxruntime at its basic and full ("all", its default) graph optimization
-levels on other crops of the same photos. Per row: top-1 agreement with the engine, the largest integer
+levels, and at "int8" (full, with qdq groups fused into its int8 kernels: fwdgrad.deploy.session_options),
+on other crops of the same photos. Per row: top-1 agreement with the engine, the largest integer
 difference of the logits on the output grid, and the fraction of logits that differ at all. Then qdq node
 by node: each node fed the engine's own integers (basic level), how many of its outputs land elsewhere
 than the engine's; this separates float rounding in one node from its propagation through the graph.
@@ -19,20 +20,18 @@ import numpy as np
 import onnxruntime as ort
 
 from fwdgrad.data.photos import real_photos
+from fwdgrad.deploy import OPTIMIZATION_LEVELS, session_options
 from fwdgrad.models.zoo import model_onnx
 from quant.convert import convert
 from quant.equalize import EQUALIZE_MODES
 from quant.export import ExportError, export, qdq_nodes_against_engine
 from quant.tensor import quantize
 
-LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 
 
 def onnxruntime_logits(model, level: str, x: np.ndarray, graph, batch_size: int = 16) -> np.ndarray:
     """The file's logits on the engine's output grid (qop: its integers; qdq: its floats quantized)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = LEVELS[level]
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model.SerializeToString(), session_options(level), providers=["CPUExecutionProvider"])
     names = {o.name for o in session.get_outputs()}
     out = []
     for i in range(0, len(x), batch_size):
@@ -80,7 +79,7 @@ def main() -> None:
             except ExportError as err:
                 print(f"| {bits} | {fmt} | | not exportable: {str(err).split(':')[0]} | | |")
                 continue
-            for level in LEVELS:
+            for level in OPTIMIZATION_LEVELS:
                 started = time.perf_counter()
                 theirs = onnxruntime_logits(model, level, x, graph)
                 diff = np.abs(theirs - ours)

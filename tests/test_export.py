@@ -10,11 +10,12 @@ from hypothesis import given, settings, strategies as st
 
 from fwdgrad.cli import main
 from fwdgrad.config import TrainConfig
+from fwdgrad.deploy import session_options
 from fwdgrad.trainer import Trainer, TrainData
 from quant.convert import BIT_CONFIGS, convert
 from quant.export import ExportError, export, export_segment, qdq_nodes_against_engine
 from quant.graph import QGraph
-from quant.ops import Node, QAdd, QAvgPool, QConcat, QConv, QLinear, QMaxPool, QReshape
+from quant.ops import Node, QAdd, QAvgPool, QConcat, QConv, QLinear, QMaxPool, QReshape, int8_gemm
 from quant.tensor import QParams, quantize, weight_params
 
 from test_kernels import conv_cases, ints, pool_cases
@@ -24,6 +25,10 @@ QOP_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "
            "MaxPool", "Reshape", "Concat", "Unsqueeze", "Squeeze", "Identity"}
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "Add", "Clip", "MaxPool", "AveragePool",
            "GlobalAveragePool", "Reshape", "Concat", "Identity"}
+
+
+# onnxruntime's int8 x int8 kernels compute the engine's arithmetic only with int8 dot-product instructions
+INT8_DOT_PRODUCTS = bool(int8_gemm.cpu_flags() & set(int8_gemm.INT8_DOT_PRODUCT_FLAGS))
 
 
 def session(model, level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC):
@@ -227,6 +232,45 @@ def test_qdq_of_power_of_two_scales(residual_net, bits):
         assert np.mean(theirs.argmax(1) == ours.argmax(1)) >= 0.995
 
 
+@pytest.mark.skipif(not INT8_DOT_PRODUCTS, reason="no VNNI / AMX here")
+@pytest.mark.parametrize("bits", BIT_CONFIGS)
+def test_qdq_in_onnxruntimes_int8_kernels(graphs, residual_net, bits):
+    """verify-onnx --optimization int8 lets onnxruntime fuse the qdq file's 8-bit groups into its int8 x int8
+    kernels, whose arithmetic (int32 sums, float32 multiplier, half to even) is the engine's: w8a8 gives the
+    engine's integers whatever the scales. 16-bit tensors have no such kernels and stay float: as at basic."""
+    _, x, _, _ = residual_net
+    graph, weights = graphs[bits], perturbed(graphs[bits])
+    model = export(graph, (1, 8, 8), "qdq", weights)
+    fused = ort.InferenceSession(model.SerializeToString(), session_options("int8"), providers=["CPUExecutionProvider"])
+    theirs = quantize(fused.run(["logits"], {"input": x})[0], graph.output_params)
+    ours = graph.forward(x, weights=weights)
+    if bits == "w8a8":
+        assert np.array_equal(theirs, ours)
+    else:
+        assert np.mean(theirs.argmax(1) == ours.argmax(1)) >= 0.995
+
+
+@pytest.mark.skipif(not INT8_DOT_PRODUCTS, reason="no VNNI / AMX here")
+def test_mobilenetv2_qdq_in_onnxruntimes_int8_kernels():
+    """ImageNet MobileNetV2, w8a8 with float scales and equalized activations, on real photo crops: in
+    onnxruntime's int8 kernels (all 52 convs, 10 adds, the pool and the classifier fused) the qdq file gives
+    the engine's integers; its default session ("all") does not (it rewrites 37 convs to uint8 kernels and
+    leaves 15 convs and the adds in float: a quarter of the logits a few steps off, measured)."""
+    from fwdgrad.data.photos import real_photos
+    from fwdgrad.models.zoo import model_onnx
+
+    path = model_onnx("mobilenetv2", resolution=96)
+    graph = convert(path, real_photos(32, 96, seed=1), bits="w8a8")
+    x = real_photos(16, 96, seed=0)
+    model = export(graph, x.shape[1:], "qdq")
+    ours = graph.forward(x)
+    for level, exact in (("int8", True), ("all", False)):
+        runtime = ort.InferenceSession(model.SerializeToString(), session_options(level),
+                                       providers=["CPUExecutionProvider"])
+        theirs = quantize(runtime.run(["logits"], {"input": x})[0], graph.output_params)
+        assert np.array_equal(theirs, ours) == exact, level
+
+
 # ---- what cannot be exported --------------------------------------------------------------------------
 
 def test_untranslatable_graphs_are_named(graphs):
@@ -334,13 +378,17 @@ def trained_run(tmp_path_factory, digits_backbone):
     return train_through_cli(tmp_path_factory.mktemp("cli"), digits_backbone)
 
 
-def export_and_verify(run, fmt, tmp_path, capsys, source=None) -> dict:
+def export_and_verify(run, fmt, tmp_path, capsys, source=None, optimization="basic") -> dict:
     """``fwdgrad export`` then ``fwdgrad verify-onnx`` on 300 digits: the verification report."""
     assert main(["export", str(source or run), "--format", fmt, "--out", str(tmp_path / f"{fmt}.onnx")]) == 0
     assert main(["verify-onnx", str(tmp_path / f"{fmt}.onnx"), "--run", str(run), "--data", "digits",
-                 "--samples", "300", "--json", str(tmp_path / f"{fmt}.json")]) == 0
-    assert "top-1 onnxruntime" in capsys.readouterr().out
-    return json.loads((tmp_path / f"{fmt}.json").read_text())
+                 "--samples", "300", "--optimization", optimization, "--json", str(tmp_path / f"{fmt}.json")]) == 0
+    out = capsys.readouterr().out
+    assert "top-1 onnxruntime" in out and f"onnxruntime optimization {optimization}" in out
+    report = json.loads((tmp_path / f"{fmt}.json").read_text())
+    assert ("warning" in report) == (f"note: {report.get('warning')}" in out)
+    return report
+
 
 
 def test_export_and_verify_a_training_run(trained_run, tmp_path, capsys):
@@ -351,6 +399,9 @@ def test_export_and_verify_a_training_run(trained_run, tmp_path, capsys):
     assert qop["max_integer_difference"] == 0 and qop["top1_agreement"] == 1.0
     assert qop["onnxruntime_top1"] == qop["engine_top1"] > 0.3  # a trained model, not chance (0.1)
     assert qdq["top1_agreement"] >= 0.99 and abs(qdq["onnxruntime_top1"] - qdq["engine_top1"]) <= 0.01
+    if INT8_DOT_PRODUCTS:
+        fused = export_and_verify(trained_run, "qdq", tmp_path, capsys, optimization="int8")
+        assert fused["max_integer_difference"] == 0 and "warning" not in fused
     summary = json.loads((trained_run / "summary.json").read_text())
     meta = {p.key: p.value for p in onnx.load(tmp_path / "qop.onnx").metadata_props}
     assert json.loads(meta["training_summary"])["weights_sha256"] == summary["weights_sha256"]
@@ -363,7 +414,9 @@ def test_a_power_of_two_run_exports_exactly_as_qdq(digits_backbone, tmp_path, ca
     qdq = export_and_verify(run, "qdq", tmp_path, capsys)
     assert qdq["max_integer_difference"] == 0 and qdq["top1_agreement"] == 1.0
     assert qdq["onnxruntime_top1"] == qdq["engine_top1"] > 0.3
-    assert qdq["scales"] == "pow2"
+    assert qdq["scales"] == "pow2" and "warning" not in qdq
+    fused = export_and_verify(run, "qdq", tmp_path, capsys, optimization="int8")  # whose add rounds ties its way
+    assert "--optimization basic or all" in fused["warning"]
 
 
 @pytest.mark.parametrize("fmt, scales", [("qop", "float"), ("qdq", "pow2")])
