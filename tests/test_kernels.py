@@ -236,30 +236,33 @@ def test_global_average_pool_rounds_by_mode():
 def product_path(request, monkeypatch):
     """Run a test on each exact product path (ops/matmul.py): oneDNN's int32 GEMM, or chunked float BLAS."""
     if request.param == "float BLAS":
-        monkeypatch.setattr(int8_gemm, "gemm_function", lambda: None)
-    elif int8_gemm.gemm_function() is None:
+        monkeypatch.setattr(int8_gemm, "gemm_functions", lambda: None)
+    elif int8_gemm.gemm_functions() is None:
         pytest.skip("no VNNI/AMX or no oneDNN here: the int8 instruction path is not used")
     return request.param
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.integers(1, 17), st.integers(int8_gemm.MIN_DEPTH, 1300), st.integers(1, 300), st.integers(1, 400), SEEDS)
-def test_int8_products_on_both_paths(n, k, space, o, seed):
-    """Pointwise convs, linear layers and an im2col conv with int8 operands, extremes included (int16
-    saturation, the failure of int8 instructions without VNNI, would show here), both rounding modes."""
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 17), st.integers(int8_gemm.MIN_DEPTH, 1300), st.integers(1, 300), st.integers(1, 400),
+       st.sampled_from([8, 16]), SEEDS)
+def test_int8_products_on_both_paths(n, k, space, o, wbits, seed):
+    """Pointwise convs and linear layers with int8 activations and int8 or int16 weights (the latter as two
+    int8 products, high and low byte), extremes included (int16 saturation, the failure of int8
+    instructions without VNNI, would show here, and so would a wrong high/low split), both rounding modes."""
     for path in ("int8 instructions", "float BLAS"):
         with pytest.MonkeyPatch.context() as patch:
             if path == "float BLAS":
-                patch.setattr(int8_gemm, "gemm_function", lambda: None)
-            elif int8_gemm.gemm_function() is None:
+                patch.setattr(int8_gemm, "gemm_functions", lambda: None)
+            elif int8_gemm.gemm_functions() is None:
                 continue
-            assert int8_gemm.usable(np.int8, np.int8, k) == (path == "int8 instructions")
             rng = np.random.default_rng(seed)
-            x, w = ints(rng, (n, k, space, 1), 8), ints(rng, (o, k, 1, 1), 8, narrow=True)
+            x, w = ints(rng, (n, k, space, 1), 8), ints(rng, (o, k, 1, 1), wbits, narrow=True)
+            assert int8_gemm.usable(x.dtype, w.dtype, k) == (path == "int8 instructions")
             if rng.random() < 0.3:
-                x[:], w[:] = -128, 127
+                x[:], w[:] = -128, np.iinfo(w.dtype).max
+                w[::2] = -np.iinfo(w.dtype).max
             zp, bias = int(rng.integers(-128, 128)), rng.integers(-(1 << 20), 1 << 20, o)
-            spec = random_output_spec(rng, o, False)
+            spec = random_output_spec(rng, o, wbits > 8)
             geometry = ConvGeometry()
             assert np.array_equal(FAST.conv(x, zp, w, bias, geometry), REF.conv(x, zp, w, bias, geometry))
             assert np.array_equal(FAST.conv(x, zp, w, bias, geometry, spec), REF.conv(x, zp, w, bias, geometry, spec))

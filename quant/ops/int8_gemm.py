@@ -37,6 +37,7 @@ INT8_DOT_PRODUCT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 LIBRARY = "libdnnl.so.3"
 MIN_DEPTH = 24  # shorter reductions (MobileNetV2's expand from 16 channels) are faster on float BLAS at batch 16
 MAX_TILE = 1024  # columns per tile: oneDNN keeps gaining up to here at batch 16, the float path stops at 256
+MAX_DEPTH = (1 << 31) // (128 * 255)  # int32 sums of int8 x uint8 products stay exact below this many terms
 _NO = ord("N")  # oneDNN's char arguments, passed as their codes (numba calls ctypes functions with ints)
 _FIXED = ord("F")
 
@@ -56,34 +57,56 @@ def _library_paths() -> list[str]:
     return [str(Path(root) / "lib" / LIBRARY) for root in (sys.prefix, site.getuserbase())] + ([found] if found else [])
 
 
-@functools.cache
-def gemm_function():
-    """oneDNN's ``dnnl_gemm_s8s8s32`` as a ctypes function, or None where it should not or cannot be used."""
-    if os.environ.get("FWDGRAD_INT8_GEMM", "1") == "0" or not cpu_flags() & set(INT8_DOT_PRODUCT_FLAGS):
-        return None
+def _onednn(name: str, a_type):
+    """oneDNN's integer GEMM ``name`` (A of ``a_type``, B int8, int32 C) as a ctypes function, or None."""
     for path in _library_paths():
         try:
-            function = ctypes.CDLL(path).dnnl_gemm_s8s8s32
+            function = getattr(ctypes.CDLL(path), name)
         except (OSError, AttributeError):
             continue
         dim, pointer, char = ctypes.c_int64, ctypes.c_void_p, ctypes.c_uint8
         function.restype = ctypes.c_int
-        function.argtypes = [char, char, char, dim, dim, dim, ctypes.c_float, pointer, dim, ctypes.c_int8, pointer, dim,
+        function.argtypes = [char, char, char, dim, dim, dim, ctypes.c_float, pointer, dim, a_type, pointer, dim,
                              ctypes.c_int8, ctypes.c_float, pointer, dim, pointer]
         return function
     return None
 
 
+@functools.cache
+def gemm_functions():
+    """oneDNN's ``dnnl_gemm_s8s8s32`` and ``dnnl_gemm_u8s8s32`` (weights int8 or uint8, activations int8) as
+    ctypes functions, or None where they should not or cannot be used."""
+    if os.environ.get("FWDGRAD_INT8_GEMM", "1") == "0" or not cpu_flags() & set(INT8_DOT_PRODUCT_FLAGS):
+        return None
+    signed, unsigned = _onednn("dnnl_gemm_s8s8s32", ctypes.c_int8), _onednn("dnnl_gemm_u8s8s32", ctypes.c_uint8)
+    return (signed, unsigned) if signed and unsigned else None
+
+
 def usable(x_dtype, w_dtype, depth: int) -> bool:
-    """Whether a product of ``depth``-term int8 dot products should run here rather than on float BLAS."""
-    return x_dtype == np.int8 and w_dtype == np.int8 and depth >= MIN_DEPTH and gemm_function() is not None
+    """Whether a product of int8 activations and int8 or int16 weights with ``depth``-term reductions should
+    run here rather than on float BLAS."""
+    return (x_dtype == np.int8 and w_dtype in (np.int8, np.int16) and MIN_DEPTH <= depth <= MAX_DEPTH
+            and gemm_functions() is not None)
+
+
+def pack_weights(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(O, K) int8 or int16 weights as the products' operands: int8 ``w`` itself (and no low part); int16 ``w``
+    as ``256 * high + low`` with int8 ``high`` and uint8 ``low`` (``low = w mod 256``: for |w| <= 32767 the
+    high part stays within [-128, 127]). Each part's products sum exactly in int32 (8-bit operands), and
+    ``256 * high_sum + low_sum`` is the 16-bit product, exactly, in int64."""
+    if w.dtype == np.int8:
+        return np.array(w, order="C"), np.empty((0, w.shape[1]), np.uint8)
+    wide = w.astype(np.int32)
+    low = wide & 0xFF
+    return ((wide - low) >> 8).astype(np.int8), low.astype(np.uint8)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _kernel(gemm, x3, w, offset, f32, mantissa, shift, zero_point, qmin, qmax, half_even, requantize_out, tile, block,
-            out3):
+def _kernel(gemm, gemm_unsigned, x3, w, w_low, offset, f32, mantissa, shift, zero_point, qmin, qmax, half_even,
+            requantize_out, tile, block, out3):
     """out3[b, :, j] = requantize(w @ x3[b, :, j] + offset) by tiles of one image's columns and blocks of
-    outputs; returns how many oneDNN calls failed (0)."""
+    outputs, with ``w`` the int8 weights, or the high part of 16-bit ones whose low part is ``w_low``
+    (:func:`pack_weights`; empty for 8-bit weights); returns how many oneDNN calls failed (0)."""
     n, k, s = x3.shape
     o = w.shape[0]
     n_tiles, n_blocks = (s + tile - 1) // tile, (o + block - 1) // block
@@ -96,28 +119,37 @@ def _kernel(gemm, x3, w, offset, f32, mantissa, shift, zero_point, qmin, qmax, h
         acc = np.empty((o1 - o0, j1 - j0), np.int32)
         failures += gemm(_NO, _NO, _FIXED, o1 - o0, j1 - j0, k, 1.0, w[o0:].ctypes.data, k, 0,
                          x3[b, :, j0:].ctypes.data, s, 0, 0.0, acc.ctypes.data, j1 - j0, no_offset.ctypes.data) != 0
-        store_tile(acc, o0, b * s + j0, b * s + j1, offset, f32, mantissa, shift, zero_point, qmin, qmax, half_even,
-                    requantize_out, out3)
+        if w_low.shape[0] == 0:
+            store_tile(acc, o0, b * s + j0, b * s + j1, offset, f32, mantissa, shift, zero_point, qmin, qmax,
+                       half_even, requantize_out, out3)
+        else:
+            low = np.empty_like(acc)
+            failures += gemm_unsigned(_NO, _NO, _FIXED, o1 - o0, j1 - j0, k, 1.0, w_low[o0:].ctypes.data, k, 0,
+                                      x3[b, :, j0:].ctypes.data, s, 0, 0.0, low.ctypes.data, j1 - j0,
+                                      no_offset.ctypes.data) != 0
+            store_tile(acc.astype(np.int64) * 256 + low, o0, b * s + j0, b * s + j1, offset, f32, mantissa, shift,
+                       zero_point, qmin, qmax, half_even, requantize_out, out3)
     return failures
 
 
-def prepare_int8_gemm(x_shape: tuple, w: np.ndarray, offset: np.ndarray, out):
+def prepare_int8_gemm(x_shape: tuple, parts: tuple[np.ndarray, np.ndarray], offset: np.ndarray, out):
     """A function ``x3 -> requantize(w @ x3[b] + offset)`` for int8 ``x3`` of shape ``x_shape`` (N, K, S) and
-    int8 ``w`` (O, K), C-contiguous; ``out`` an OutputSpec (None: int64 accumulators); it returns (N, O, S).
-    The function keeps ``w``: pass a packing of a stored array, not the array (ops.matmul). Call only where
-    :func:`usable` says so."""
+    weights ``w`` (O, K) given as :func:`pack_weights` ``parts``; ``out`` an OutputSpec (None: int64
+    accumulators); it returns (N, O, S). The function keeps ``parts``: pass a packing of a stored array
+    (ops.matmul). Call only where :func:`usable` says so."""
     n, _, s = x_shape
+    w, w_low = parts
     tile, block = gemm_plan(n * s, w.shape[0], numba.get_num_threads(), MAX_TILE)
     spec = out or ACCUMULATOR_SPEC
-    rq, gemm = spec.requant, gemm_function()
+    rq, (gemm, gemm_unsigned) = spec.requant, gemm_functions()
     arguments = (offset.astype(np.int64), rq.float32, rq.mantissa, rq.shift, int(spec.zero_point), int(spec.qmin),
                  int(spec.qmax), spec.mode == "half_even", out is not None, min(tile, s), block)
 
     def run(x3: np.ndarray) -> np.ndarray:
         result = np.empty((n, w.shape[0], s), dtype=spec.dtype)
-        failures = _kernel(gemm, x3, w, *arguments, result)
+        failures = _kernel(gemm, gemm_unsigned, x3, w, w_low, *arguments, result)
         if failures:
-            raise RuntimeError(f"oneDNN's dnnl_gemm_s8s8s32 failed on {failures} tiles of {w.shape} x {x3.shape}: "
+            raise RuntimeError(f"oneDNN's integer GEMM failed on {failures} tiles of {w.shape} x {x3.shape}: "
                                f"set FWDGRAD_INT8_GEMM=0 to use the float path")
         return result
 

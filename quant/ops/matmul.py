@@ -21,7 +21,7 @@ def prepare_matmul(x_shape: tuple, x_dtype, w: np.ndarray, offset: np.ndarray, o
     packed on ``owner`` under ``tag`` (ops.packing), shared by every input shape, and the function holds
     those copies, never ``w``."""
     if int8_gemm.usable(x_dtype, w.dtype, w.shape[1]):
-        rows = packed(owner, tag + ("int8 rows",), lambda: np.array(w, order="C"))
-        return int8_gemm.prepare_int8_gemm(x_shape, rows, offset, out)
+        parts = packed(owner, tag + ("int8 parts",), lambda: int8_gemm.pack_weights(w))
+        return int8_gemm.prepare_int8_gemm(x_shape, parts, offset, out)
     chunks = packed(owner, tag + ("float chunks", x_dtype), lambda: gemm_weights(w, x_dtype))
     return prepare_gemm(x_shape, chunks, offset, out)
