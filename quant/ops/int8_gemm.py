@@ -1,11 +1,13 @@
-"""int8 x int8 matrix products on the CPU's integer dot-product instructions, exactly, via oneDNN.
+"""Matrix products of int8 activations on the CPU's integer dot-product instructions, exactly, via oneDNN.
 
 The float-BLAS path (exact_gemm) is exact but pays for float arithmetic: each int8 product takes a float32
 lane. CPUs with VNNI (AVX-512 VNNI, AVX-VNNI) or AMX-INT8 sum four u8 x s8 products straight into an int32
 lane (``vpdpbusd``; AMX tiles do the same on 16 x 64 blocks), which is what onnxruntime's int8 kernels
 run on. oneDNN's ``dnnl_gemm_s8s8s32`` (PyPI ``onednn-cpu-gomp``: the library alone, built on the GNU
 OpenMP that numba's threads use too) exposes those as a GEMM with int32 accumulators: integer arithmetic
-throughout, exact while the sums fit int32 (8-bit operands: K below 130,000).
+throughout, exact while the sums fit int32 (8-bit operands: K below 130,000). 16-bit weights run as two
+such products, on their high byte (int8, ``dnnl_gemm_s8s8s32``) and low byte (uint8,
+``dnnl_gemm_u8s8s32``), joined as ``256 * high + low`` in int64 (:func:`pack_weights`).
 
 Without VNNI oneDNN falls back to ``vpmaddubsw``, whose pairwise sums saturate at int16 (the instruction
 that corrupts onnxruntime's qdq files on such CPUs, docs/export.md): there, and where the library is

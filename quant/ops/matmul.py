@@ -1,8 +1,9 @@
 """The products of convolutions and linear layers: ``requantize(w @ x + offset)``, on whichever exact path
-is fastest here. int8 x int8 products with reductions of ``int8_gemm.MIN_DEPTH`` terms or more run on the
-CPU's int8 dot-product instructions where it has them (int8_gemm: VNNI / AMX through oneDNN, int32
-accumulators); everything else on float BLAS chunked to stay exact (exact_gemm). Both give the numpy
-reference's integers (tests/test_kernels.py runs its int8 cases on both paths).
+is fastest here. Products of int8 activations and int8 or int16 weights with reductions of
+``int8_gemm.MIN_DEPTH`` terms or more run on the CPU's int8 dot-product instructions where it has them
+(int8_gemm: VNNI / AMX through oneDNN, int32 accumulators; 16-bit weights as two byte products);
+everything else on float BLAS chunked to stay exact (exact_gemm). Both give the numpy reference's
+integers (tests/test_kernels.py runs its int8-activation cases on both paths).
 """
 from __future__ import annotations
 
