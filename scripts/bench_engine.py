@@ -1,7 +1,8 @@
 """Inference speed of our integer engine against its peers, measured in one run on this machine.
 
 Same model (ImageNet MobileNetV2, real photo crops), same batch, same process:
-- ours: the QGraph on the numba backend (w8a8, identical integers to the numpy reference);
+- ours: the QGraph on the numba backend (w8a8, identical integers to the numpy reference), and w16a8 (the
+  trainer's TraDy setting; no onnxruntime kernel takes 16-bit weights, so it is compared with int8);
 - onnxruntime int8: the same float model quantized by onnxruntime's own quantize_static (QOperator,
   u8 activations / s8 per-channel weights: its fastest CPU int8 path, VNNI/AMX kernels);
 - onnxruntime float32 and PyTorch float32 (2 threads) on the float model.
@@ -72,7 +73,7 @@ def measure(resolution: int, batches: list[int], seconds: float, rounds: int) ->
     path = model_onnx("mobilenetv2", resolution=resolution)
     x = real_photos(max(batches), resolution, seed=0)
     calibration = real_photos(32, resolution, seed=1)
-    graph = convert(path, calibration, bits="w8a8")
+    graphs = {bits: convert(path, calibration, bits=bits) for bits in ("w8a8", "w16a8")}
     float_session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     torch.set_num_threads(2)
     net = load_imagenet_mobilenetv2()
@@ -82,7 +83,8 @@ def measure(resolution: int, batches: list[int], seconds: float, rounds: int) ->
         for batch in batches:
             with torch.inference_mode():
                 speeds = interleaved_speeds({
-                    "ours (numba, w8a8)": lambda b: graph.forward(b),
+                    "ours (numba, w8a8)": lambda b: graphs["w8a8"].forward(b),
+                    "ours (numba, w16a8)": lambda b: graphs["w16a8"].forward(b),
                     "onnxruntime int8": lambda b: int8_session.run(None, {"input": b}),
                     "onnxruntime float32": lambda b: float_session.run(None, {"input": b}),
                     "pytorch float32": lambda b: net(torch.from_numpy(b)),
@@ -110,13 +112,14 @@ def render(rows: list[dict]) -> str:
              "(median of short windows taken one runner after the other, so all see the same machine). Ratio = peer time / our time "
              "(below 1: we are slower).", "",
              "| resolution | batch | ours (numba, w8a8) img/s | " + " | ".join(f"{p} img/s" for p in peers)
-             + " | " + " | ".join(f"ours vs {p}" for p in peers) + " |",
-             "|" + "---|" * (3 + 2 * len(peers))]
+             + " | " + " | ".join(f"ours vs {p}" for p in peers) + " | ours w16a8 img/s | ours w16a8 vs onnxruntime int8 |",
+             "|" + "---|" * (5 + 2 * len(peers))]
     for r in rows:
-        ours = r["ours (numba, w8a8)"]
+        ours, wide = r["ours (numba, w8a8)"], r["ours (numba, w16a8)"]
         lines.append(f"| {r['resolution']} | {r['batch']} | {ours:.1f} | "
                      + " | ".join(f"{r[p]:.1f}" for p in peers) + " | "
-                     + " | ".join(f"{ours / r[p]:.2f}x" for p in peers) + " |")
+                     + " | ".join(f"{ours / r[p]:.2f}x" for p in peers)
+                     + f" | {wide:.1f} | {wide / r['onnxruntime int8']:.2f}x |")
     lines += ["", END]
     return "\n".join(lines)
 
