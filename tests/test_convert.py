@@ -80,8 +80,9 @@ def test_power_of_two_scales_make_requantization_a_shift(residual_net, bits):
 def test_stored_weights_are_packed_once_and_never_stale(residual_net):
     """The numba kernels keep float packings of a graph's stored (frozen) weights: the integers must be the
     same as packing afresh, edits in place are refused, new arrays are used at once, and packings go with
-    their arrays."""
+    their arrays, also for a graph that was pickled and loaded."""
     import gc
+    import pickle
 
     from quant.ops import packing
 
@@ -101,7 +102,10 @@ def test_stored_weights_are_packed_once_and_never_stale(residual_net):
     flipped = graph.forward(x[:300])
     assert not np.array_equal(flipped, stored)
     assert np.array_equal(flipped, graph.forward(x[:300], backend="numpy"))
-    del graph, nodes, n
+    loaded = pickle.loads(pickle.dumps(graph))  # a checkpoint, or a graph sent to a worker process
+    assert all(not n.weight.flags.writeable and not n.bias.flags.writeable for n in loaded.weighted_nodes())
+    assert np.array_equal(loaded.forward(x[:300]), flipped)
+    del graph, nodes, n, loaded
     gc.collect()
     assert len(packing._PACKED) == before
 

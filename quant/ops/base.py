@@ -47,6 +47,13 @@ class WeightedNode(Node):
         super().__setattr__(name, freeze(value) if name in ("weight", "bias") else value)
         self.__dict__.pop("_output_specs", None)  # derived from the fields: made again when one is set
 
+    def __setstate__(self, state):
+        """Unpickled (a checkpoint, a worker process, a deepcopy) arrays come back writable: freeze them
+        again, or every call would repack the layer (ops.packing caches only read-only arrays)."""
+        self.__dict__.update(state)
+        self.__dict__.pop("_output_specs", None)
+        freeze(self.weight), freeze(self.bias)
+
     def __post_init__(self):
         if self.clamp is None:
             self.clamp = (self.out_params.qmin, self.out_params.qmax)
