@@ -202,8 +202,9 @@ def _cmd_verify_onnx(args) -> int:
           f"agreement {report['top1_agreement']:.4f}\n"
           f"  max integer difference of the logits {report['max_integer_difference']} "
           f"({report['differing_logits']:.2%} of logits differ)")
-    if "warning" in report:
-        print(f"  note: {report['warning']}")
+    for kind in ("warning", "hint"):
+        if kind in report:
+            print(f"  note: {report[kind]}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from quant.export import export
+from quant.ops.int8_gemm import INT8_DOT_PRODUCT_FLAGS, cpu_flags
 from quant.graph import QGraph
 from quant.tensor import quantize
 
@@ -163,4 +164,8 @@ def verify_onnx(model_path: str | Path, run: str | Path, data: str | None = None
         report["warning"] = ("onnxruntime's int8 add (QLinearAdd) rounds exact ties, which power-of-two scales "
                              "make frequent, its own way: run this file with --optimization basic or all, where "
                              "its float arithmetic is exact")
+    elif (optimization != "int8" and report["format"] == "qdq" and report["bits"] == "w8a8"
+          and report["scales"] == "float" and cpu_flags() & set(INT8_DOT_PRODUCT_FLAGS)):
+        report["hint"] = ("this CPU has int8 dot-product instructions: with --optimization int8 onnxruntime runs "
+                          "this file on its int8 kernels, which compute the engine's integers (docs/export.md)")
     return report | compare(session, run.graph, run.weights, x, test.labels[:samples])

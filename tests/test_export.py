@@ -386,7 +386,8 @@ def export_and_verify(run, fmt, tmp_path, capsys, source=None, optimization="bas
     out = capsys.readouterr().out
     assert "top-1 onnxruntime" in out and f"onnxruntime optimization {optimization}" in out
     report = json.loads((tmp_path / f"{fmt}.json").read_text())
-    assert ("warning" in report) == (f"note: {report.get('warning')}" in out)
+    for kind in ("warning", "hint"):
+        assert (kind in report) == (f"note: {report.get(kind)}" in out)
     return report
 
 
@@ -399,9 +400,10 @@ def test_export_and_verify_a_training_run(trained_run, tmp_path, capsys):
     assert qop["max_integer_difference"] == 0 and qop["top1_agreement"] == 1.0
     assert qop["onnxruntime_top1"] == qop["engine_top1"] > 0.3  # a trained model, not chance (0.1)
     assert qdq["top1_agreement"] >= 0.99 and abs(qdq["onnxruntime_top1"] - qdq["engine_top1"]) <= 0.01
+    assert ("hint" in qdq) == INT8_DOT_PRODUCTS and "hint" not in qop  # where --optimization int8 is exact
     if INT8_DOT_PRODUCTS:
         fused = export_and_verify(trained_run, "qdq", tmp_path, capsys, optimization="int8")
-        assert fused["max_integer_difference"] == 0 and "warning" not in fused
+        assert fused["max_integer_difference"] == 0 and "warning" not in fused and "hint" not in fused
     summary = json.loads((trained_run / "summary.json").read_text())
     meta = {p.key: p.value for p in onnx.load(tmp_path / "qop.onnx").metadata_props}
     assert json.loads(meta["training_summary"])["weights_sha256"] == summary["weights_sha256"]
@@ -414,7 +416,7 @@ def test_a_power_of_two_run_exports_exactly_as_qdq(digits_backbone, tmp_path, ca
     qdq = export_and_verify(run, "qdq", tmp_path, capsys)
     assert qdq["max_integer_difference"] == 0 and qdq["top1_agreement"] == 1.0
     assert qdq["onnxruntime_top1"] == qdq["engine_top1"] > 0.3
-    assert qdq["scales"] == "pow2" and "warning" not in qdq
+    assert qdq["scales"] == "pow2" and "warning" not in qdq and "hint" not in qdq
     fused = export_and_verify(run, "qdq", tmp_path, capsys, optimization="int8")  # whose add rounds ties its way
     assert "--optimization basic or all" in fused["warning"]
 
