@@ -28,6 +28,7 @@ bench: $(STAMP) data
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/measure_ptq.py
 	$(PY) scripts/measure_equalization.py
+	$(PY) scripts/measure_sensitivity.py
 
 clean-venv:
 	rm -rf $(VENV)
