@@ -5,8 +5,8 @@ on every activation tensor. Replacing one pair by a float Clip to the same real 
 range (and any clamp its quantizer applies) but not its rounding: what a much finer grid for that one
 tensor would give. Run in onnxruntime (basic level, float between the quantizers, so within float rounding
 of the engine's integers) on the photo crops of scripts/measure_ptq.py, against the float model: the
-logit SNR gained per tensor, then with the most sensitive tensors rounded away together. Writes its
-section of docs/engine.md.
+logit SNR gained per tensor, then with the most sensitive tensors rounded away together, then all of them
+with 8- and 16-bit weights (the weights' share of what is left). Writes its section of docs/engine.md.
 """
 from __future__ import annotations
 
@@ -102,6 +102,13 @@ def measure(resolution: int, images: int, calibration_images: int) -> list[dict]
     order = [r["tensors"][0] for r in single]
     rows += [row("together", order[:k], logits(unrounded(model, order[:k]), evaluation)) for k in TOGETHER]
     rows.append(row("together", order, logits(unrounded(model, order), evaluation)))
+    for bits, equalize in (("w8a8", "all"), ("w8a8", "none"), ("w16a8", "all")):  # the weights' share
+        other = export(convert(path, calibration, bits=bits, equalize_channels=equalize, bias_correction=False),
+                       evaluation.shape[1:], "qdq")
+        everything = list(activation_pairs(other))
+        for tensors in ([], everything):
+            rows.append(row("weights", tensors, logits(unrounded(other, tensors), evaluation))
+                        | {"bits": bits, "equalize": equalize})
     for r in rows:
         print({k: v for k, v in r.items() if k != "tensors"} | {"tensors": len(r["tensors"])}, flush=True)
     return rows
@@ -114,12 +121,18 @@ def render(rows: list[dict], calibration_images: int) -> str:
              "Clip to the same range), against the float model on the crops of the table above. One: the "
              f"{TOP} tensors whose rounding costs the most, alone; together: the most sensitive k at once.", "",
              "| resolution | tensors without rounding | top-1 agreement | logit SNR dB |", "|---|---|---|---|"]
-    everything = max(len(r["tensors"]) for r in rows)
-    for r in rows:
+    everything = max(len(r["tensors"]) for r in rows if r["kind"] == "together")
+    for r in (r for r in rows if r["kind"] != "weights"):
         k = len(r["tensors"])
         what = {"all 8-bit": "none", "one": f"`{engine_name(r['tensors'][0])}`" if k else "",
                 "together": f"all {k}" if k == everything else f"the {k} most sensitive"}[r["kind"]]
         lines.append(f"| {r['resolution']} | {what} | {r['agreement']:.1%} | {r['snr_db']:.1f} |")
+    lines += ["", "Without bias correction (which the default applies for the rounded activations, so it is not "
+              "neutral once their rounding is gone), the same with 8- or 16-bit weights:", "",
+              "| resolution | bits | equalize | activations | top-1 agreement | logit SNR dB |", "|---|---|---|---|---|---|"]
+    for r in (r for r in rows if r["kind"] == "weights"):
+        lines.append(f"| {r['resolution']} | {r['bits']} | {r['equalize']} | "
+                     f"{'unrounded' if r['tensors'] else '8-bit'} | {r['agreement']:.1%} | {r['snr_db']:.1f} |")
     lines += ["", END]
     return "\n".join(lines)
 
