@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from quant.export import export
-from quant.ops.int8_gemm import INT8_DOT_PRODUCT_FLAGS, cpu_flags
+from quant.ops.int8_gemm import has_int8_dot_products
 from quant.graph import QGraph
 from quant.tensor import quantize
 
@@ -165,7 +165,7 @@ def verify_onnx(model_path: str | Path, run: str | Path, data: str | None = None
                              "make frequent, its own way: run this file with --optimization basic or all, where "
                              "its float arithmetic is exact")
     elif (optimization != "int8" and report["format"] == "qdq" and report["bits"] == "w8a8"
-          and report["scales"] == "float" and cpu_flags() & set(INT8_DOT_PRODUCT_FLAGS)):
+          and report["scales"] == "float" and has_int8_dot_products()):
         report["hint"] = ("this CPU has int8 dot-product instructions: with --optimization int8 onnxruntime runs "
                           "this file on its int8 kernels, which compute the engine's integers (docs/export.md)")
     return report | compare(session, run.graph, run.weights, x, test.labels[:samples])

@@ -246,3 +246,13 @@ def requantize_numba(acc: np.ndarray, rq: Requant, zero_point: int, qmin: int, q
 # signature needs a spec, and ``requantize_out=False`` keeps them from using it.
 ACCUMULATOR_SPEC = OutputSpec(Requant(np.ones(1, np.float32), np.ones(1, np.int64), np.ones(1, np.int64)), 0, 0, 0,
                               "half_even", np.int64)
+
+
+def kernel_arguments(out: OutputSpec | None) -> tuple[np.dtype, tuple]:
+    """The output type and the requantization arguments every fused kernel takes, in their order
+    (``f32, mantissa, shift, zero_point, qmin, qmax, half_even, requantize_out``), for ``out`` or, when it is
+    None, for int64 accumulators."""
+    spec = out or ACCUMULATOR_SPEC
+    rq = spec.requant
+    return spec.dtype, (rq.float32, rq.mantissa, rq.shift, int(spec.zero_point), int(spec.qmin), int(spec.qmax),
+                        spec.mode == "half_even", out is not None)

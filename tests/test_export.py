@@ -28,7 +28,7 @@ QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "Add", "Clip", 
 
 
 # onnxruntime's int8 x int8 kernels compute the engine's arithmetic only with int8 dot-product instructions
-INT8_DOT_PRODUCTS = bool(int8_gemm.cpu_flags() & set(int8_gemm.INT8_DOT_PRODUCT_FLAGS))
+INT8_DOT_PRODUCTS = int8_gemm.has_int8_dot_products()
 
 
 def session(model, level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC):

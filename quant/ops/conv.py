@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from ..fixedpoint import ACCUMULATOR_SPEC, OutputSpec, lane_params, store_accumulators, store_lanes
+from ..fixedpoint import OutputSpec, kernel_arguments, lane_params, store_accumulators, store_lanes
 from .base import WeightedNode
 from .exact_gemm import FLOAT32_EXACT, largest_magnitude, zero_point_offset
 from . import int8_gemm
@@ -277,11 +277,8 @@ def _prepare_depthwise(x_shape, x_dtype, x_zp, w, offset, geometry, ho, wo, out)
     """Depthwise conv on whichever loop suits its planes: channels innermost for small ones, else plane by plane."""
     taps = w.shape[2] * w.shape[3]
     exact = np.float32 if taps * largest_magnitude(x_dtype) * largest_magnitude(w.dtype) < FLOAT32_EXACT else np.float64
-    spec = out or ACCUMULATOR_SPEC
-    rq = spec.requant
+    dtype, arguments = kernel_arguments(out)
     (sh, sw), (dh, dw), (pt, pl, _, _) = geometry.stride, geometry.dilation, geometry.pads
-    arguments = (rq.float32, rq.mantissa, rq.shift, int(spec.zero_point), int(spec.qmin), int(spec.qmax),
-                 spec.mode == "half_even", out is not None)
     shape, (kh, kw) = (x_shape[0], w.shape[0], ho, wo), w.shape[2:]
     if ho * wo <= CHANNELS_LAST_MAX_OUTPUTS:
         floats = packed(w, ("depthwise channels last", exact), lambda: w.reshape(w.shape[0], -1).T.astype(exact).ravel())
@@ -289,7 +286,7 @@ def _prepare_depthwise(x_shape, x_dtype, x_zp, w, offset, geometry, ho, wo, out)
         block = min(w.shape[0], max(CHANNEL_BLOCK_MIN, -(-w.shape[0] // blocks_per_image)))
 
         def channels_last(x):
-            result = np.empty(shape, dtype=spec.dtype)
+            result = np.empty(shape, dtype=dtype)
             _depthwise_channels_last_kernel(x, x_zp, floats, kh, kw, offset, sh, sw, pt, pl, dh, dw, *arguments, block,
                                             result)
             return result
@@ -302,7 +299,7 @@ def _prepare_depthwise(x_shape, x_dtype, x_zp, w, offset, geometry, ho, wo, out)
     floats = packed(w, ("depthwise", exact), lambda: w.reshape(w.shape[0], -1).astype(exact))
 
     def planes(x):
-        result = np.empty(shape, dtype=spec.dtype)
+        result = np.empty(shape, dtype=dtype)
         stages = np.empty((n_tasks, stack * hq * wq), np.int64 if out is None else np.int32)  # outputs before storing
         _depthwise_kernel(x, x_zp, floats, kh, kw, offset, sh, sw, pt, pl, dh, dw, hq, wq, *arguments, stack, stages,
                           result)

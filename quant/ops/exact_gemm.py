@@ -13,7 +13,7 @@ import functools
 import numba
 import numpy as np
 
-from ..fixedpoint import ACCUMULATOR_SPEC, store_accumulators
+from ..fixedpoint import kernel_arguments, store_accumulators
 from .packing import packed
 
 FLOAT32_EXACT = 1 << 24
@@ -199,14 +199,11 @@ def prepare_gemm(x_shape: tuple, w3: np.ndarray, offset: np.ndarray, out):
     n, _, s = x_shape
     o = w3.shape[1]
     _single_threaded_scipy_blas()
-    spec = out or ACCUMULATOR_SPEC
-    tile, block = gemm_plan(n * s, o, numba.get_num_threads())
-    rq = spec.requant
-    arguments = (offset.astype(np.int64), rq.float32, rq.mantissa, rq.shift, int(spec.zero_point), int(spec.qmin),
-                 int(spec.qmax), spec.mode == "half_even", out is not None, tile, block)
+    dtype, requantization = kernel_arguments(out)
+    arguments = (offset.astype(np.int64), *requantization, *gemm_plan(n * s, o, numba.get_num_threads()))
 
     def run(x3: np.ndarray) -> np.ndarray:
-        result = np.empty((n, o, s), dtype=spec.dtype)
+        result = np.empty((n, o, s), dtype=dtype)
         _gemm_requant_kernel(x3, w3, *arguments, result)
         return result
 

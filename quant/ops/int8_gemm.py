@@ -32,7 +32,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from ..fixedpoint import ACCUMULATOR_SPEC
+from ..fixedpoint import kernel_arguments
 from .exact_gemm import gemm_plan, store_tile
 
 INT8_DOT_PRODUCT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
@@ -51,6 +51,13 @@ def cpu_flags() -> set[str]:
     except (OSError, StopIteration):
         return set()
     return set(line.split(":", 1)[1].split())
+
+
+@functools.cache
+def has_int8_dot_products() -> bool:
+    """Whether this CPU has VNNI or AMX-INT8: where int8 x int8 products sum into int32 lanes without the
+    int16 saturation of ``vpmaddubsw`` (ours here, and onnxruntime's int8 kernels)."""
+    return bool(cpu_flags() & set(INT8_DOT_PRODUCT_FLAGS))
 
 
 def _library_paths() -> list[str]:
@@ -78,7 +85,7 @@ def _onednn(name: str, a_type):
 def gemm_functions():
     """oneDNN's ``dnnl_gemm_s8s8s32`` and ``dnnl_gemm_u8s8s32`` (weights int8 or uint8, activations int8) as
     ctypes functions, or None where they should not or cannot be used."""
-    if os.environ.get("FWDGRAD_INT8_GEMM", "1") == "0" or not cpu_flags() & set(INT8_DOT_PRODUCT_FLAGS):
+    if os.environ.get("FWDGRAD_INT8_GEMM", "1") == "0" or not has_int8_dot_products():
         return None
     signed, unsigned = _onednn("dnnl_gemm_s8s8s32", ctypes.c_int8), _onednn("dnnl_gemm_u8s8s32", ctypes.c_uint8)
     return (signed, unsigned) if signed and unsigned else None
@@ -142,13 +149,12 @@ def prepare_int8_gemm(x_shape: tuple, parts: tuple[np.ndarray, np.ndarray], offs
     n, _, s = x_shape
     w, w_low = parts
     tile, block = gemm_plan(n * s, w.shape[0], numba.get_num_threads(), MAX_TILE)
-    spec = out or ACCUMULATOR_SPEC
-    rq, (gemm, gemm_unsigned) = spec.requant, gemm_functions()
-    arguments = (offset.astype(np.int64), rq.float32, rq.mantissa, rq.shift, int(spec.zero_point), int(spec.qmin),
-                 int(spec.qmax), spec.mode == "half_even", out is not None, min(tile, s), block)
+    gemm, gemm_unsigned = gemm_functions()
+    dtype, requantization = kernel_arguments(out)
+    arguments = (offset.astype(np.int64), *requantization, min(tile, s), block)
 
     def run(x3: np.ndarray) -> np.ndarray:
-        result = np.empty((n, w.shape[0], s), dtype=spec.dtype)
+        result = np.empty((n, w.shape[0], s), dtype=dtype)
         failures = _kernel(gemm, gemm_unsigned, x3, w, w_low, *arguments, result)
         if failures:
             raise RuntimeError(f"oneDNN's integer GEMM failed on {failures} tiles of {w.shape} x {x3.shape}: "
