@@ -20,3 +20,9 @@ def write_section(doc: Path, block: str, begin: str, end: str, new_page: str = "
     """Put ``block`` into ``doc`` between the markers; a missing page starts as ``new_page``."""
     text = doc.read_text() if doc.exists() else new_page
     doc.write_text(replace_between(text, begin, end, block))
+
+
+def markdown_table(columns: list[str], rows: list[list]) -> list[str]:
+    """A Markdown table's lines: the header, its rule, then one line per row (cells already formatted)."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + [
+        "| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]

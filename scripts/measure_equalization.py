@@ -5,10 +5,10 @@ scripts/measure_ptq.py). Writes its section of docs/engine.md.
 from __future__ import annotations
 
 from fwdgrad.ptq import engine_logits
-from measure_ptq import measure_main, photo_task
+from doc_sections import markdown_table
+from measure_ptq import measure_main, photo_task, scores
 from quant.convert import convert
 from quant.equalize import MAX_FACTOR, Equalization
-from quant.metrics import snr_db, top1_agreement
 
 BEGIN, END = "<!-- measure_equalization:begin -->", "<!-- measure_equalization:end -->"
 ALPHAS = (0.25, 0.5, 0.75, 1.0)
@@ -35,7 +35,7 @@ def measure(resolution: int, images: int, calibration_images: int) -> list[dict]
         rows.append({"resolution": resolution, "sweep": sweep, "bits": bits, "mode": setting.mode,
                      "alpha": setting.alpha, "max_factor": setting.max_factor,
                      "equalized": graph.metadata["equalized_tensors"], "images": images,
-                     "agreement": top1_agreement(reference, logits), "snr_db": snr_db(reference, logits)})
+                     **scores(reference, logits)})
         print(rows[-1], flush=True)
     return rows
 
@@ -46,13 +46,12 @@ def render(rows: list[dict], calibration_images: int) -> str:
              f"calibration on {calibration_images} other crops, minmax, bias correction. alpha: the dense "
              f"consumers' strength (default: 1/2 for 8-bit weights, 1 for 16-bit); cap: the largest factor "
              f"(default {MAX_FACTOR:g}; 10000 is in effect none).", "",
-             "| resolution | sweep | bits | mode | alpha | cap | tensors equalized | top-1 agreement | logit SNR dB |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        alpha = "default" if r["alpha"] is None else f"{r['alpha']:g}"
-        lines.append(f"| {r['resolution']} | {r['sweep']} | {r['bits']} | {r['mode']} | {alpha} | {r['max_factor']:g} | "
-                     f"{r['equalized']} | {r['agreement']:.1%} | {r['snr_db']:.1f} |")
-    lines += ["", END]
+             *markdown_table(["resolution", "sweep", "bits", "mode", "alpha", "cap", "tensors equalized",
+                              "top-1 agreement", "logit SNR dB"],
+                             [[r["resolution"], r["sweep"], r["bits"], r["mode"],
+                               "default" if r["alpha"] is None else f"{r['alpha']:g}", f"{r['max_factor']:g}",
+                               r["equalized"], f"{r['agreement']:.1%}", f"{r['snr_db']:.1f}"] for r in rows]),
+             "", END]
     return "\n".join(lines)
 
 

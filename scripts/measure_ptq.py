@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from bench_engine import onnxruntime_int8
-from doc_sections import write_section
+from doc_sections import markdown_table, write_section
 from fwdgrad.data.photos import real_photos
 from fwdgrad.models.zoo import model_onnx
 from fwdgrad.ptq import engine_logits, float_logits
@@ -39,6 +39,11 @@ def onnxruntime_logits(path: Path, calibration: np.ndarray, x: np.ndarray) -> np
     with tempfile.TemporaryDirectory() as tmp:
         session = onnxruntime_int8(path, calibration, Path(tmp))
         return np.concatenate([session.run(None, {"input": x[i:i + 32]})[0] for i in range(0, len(x), 32)])
+
+
+def scores(reference: np.ndarray, logits: np.ndarray) -> dict:
+    """What every PTQ measurement here reports of a quantized model's logits against the float model's."""
+    return {"agreement": top1_agreement(reference, logits), "snr_db": snr_db(reference, logits)}
 
 
 def photo_task(resolution: int, images: int, calibration_images: int):
@@ -66,9 +71,8 @@ def measure(resolution: int, images: int, calibration_images: int) -> list[dict]
     for name, logits_of in candidates:
         logits = logits_of()
         rows.append({"resolution": resolution, "quantizer": name, "images": images,
-                     "confident": int(confident.sum()), "agreement": top1_agreement(reference, logits),
-                     "agreement_confident": top1_agreement(reference[confident], logits[confident]),
-                     "snr_db": snr_db(reference, logits)})
+                     "confident": int(confident.sum()), **scores(reference, logits),
+                     "agreement_confident": top1_agreement(reference[confident], logits[confident])})
         print(rows[-1], flush=True)
     return rows
 
@@ -79,12 +83,11 @@ def render(rows: list[dict], calibration_images: int) -> str:
              f"bundled photos (seed 0), calibration: {calibration_images} other crops (seed 1), the same for every "
              f"quantizer. *Confident* crops: the float model's top-1 logit leads the second by at least "
              f"{CONFIDENT_MARGIN:g}.", "",
-             "| resolution | quantizer | top-1 agreement (all crops) | top-1 agreement (confident crops) | logit SNR dB |",
-             "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['resolution']} | {r['quantizer']} | {r['agreement']:.1%} of {r['images']} | "
-                     f"{r['agreement_confident']:.1%} of {r['confident']} | {r['snr_db']:.1f} |")
-    lines += ["", END]
+             *markdown_table(["resolution", "quantizer", "top-1 agreement (all crops)",
+                              "top-1 agreement (confident crops)", "logit SNR dB"],
+                             [[r["resolution"], r["quantizer"], f"{r['agreement']:.1%} of {r['images']}",
+                               f"{r['agreement_confident']:.1%} of {r['confident']}", f"{r['snr_db']:.1f}"]
+                              for r in rows]), "", END]
     return "\n".join(lines)
 
 

@@ -18,10 +18,10 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from measure_ptq import measure_main, photo_task
+from doc_sections import markdown_table
+from measure_ptq import measure_main, photo_task, scores
 from quant.convert import convert
 from quant.export import export
-from quant.metrics import snr_db, top1_agreement
 
 BEGIN, END = "<!-- measure_sensitivity:begin -->", "<!-- measure_sensitivity:end -->"
 TOP = 8
@@ -94,7 +94,7 @@ def measure(resolution: int, images: int, calibration_images: int) -> list[dict]
     model = export(convert(path, calibration, bits="w8a8"), evaluation.shape[1:], "qdq")
     base = logits(model, evaluation)
     row = lambda kind, tensors, out: {"resolution": resolution, "kind": kind, "tensors": tensors, "images": images,
-                                      "agreement": top1_agreement(reference, out), "snr_db": snr_db(reference, out)}
+                                      **scores(reference, out)}
     rows = [row("all 8-bit", [], base)]
     single = [row("one", [t], logits(unrounded(model, [t]), evaluation)) for t in activation_pairs(model)]
     single.sort(key=lambda r: -r["snr_db"])
@@ -114,25 +114,28 @@ def measure(resolution: int, images: int, calibration_images: int) -> list[dict]
     return rows
 
 
+def _unrounded_label(r: dict, everything: int) -> str:
+    """Which tensors a row measured without rounding (``everything``: how many there are)."""
+    k = len(r["tensors"])
+    return {"all 8-bit": "none", "one": f"`{engine_name(r['tensors'][0])}`" if k else "",
+            "together": f"all {k}" if k == everything else f"the {k} most sensitive"}[r["kind"]]
+
+
 def render(rows: list[dict], calibration_images: int) -> str:
+    everything = max(len(r["tensors"]) for r in rows if r["kind"] == "together")
     lines = [BEGIN, "### Which activation tensors limit w8a8 (`scripts/measure_sensitivity.py`)", "",
              f"ImageNet MobileNetV2 w8a8 (convert's defaults, {calibration_images} calibration crops), its qdq "
              "file in onnxruntime with some tensors' rounding taken away (their Q -> DQ pair replaced by a float "
              "Clip to the same range), against the float model on the crops of the table above. One: the "
              f"{TOP} tensors whose rounding costs the most, alone; together: the most sensitive k at once.", "",
-             "| resolution | tensors without rounding | top-1 agreement | logit SNR dB |", "|---|---|---|---|"]
-    everything = max(len(r["tensors"]) for r in rows if r["kind"] == "together")
-    for r in (r for r in rows if r["kind"] != "weights"):
-        k = len(r["tensors"])
-        what = {"all 8-bit": "none", "one": f"`{engine_name(r['tensors'][0])}`" if k else "",
-                "together": f"all {k}" if k == everything else f"the {k} most sensitive"}[r["kind"]]
-        lines.append(f"| {r['resolution']} | {what} | {r['agreement']:.1%} | {r['snr_db']:.1f} |")
-    lines += ["", "Without bias correction (which the default applies for the rounded activations, so it is not "
-              "neutral once their rounding is gone), the same with 8- or 16-bit weights:", "",
-              "| resolution | bits | equalize | activations | top-1 agreement | logit SNR dB |", "|---|---|---|---|---|---|"]
-    for r in (r for r in rows if r["kind"] == "weights"):
-        lines.append(f"| {r['resolution']} | {r['bits']} | {r['equalize']} | "
-                     f"{'unrounded' if r['tensors'] else '8-bit'} | {r['agreement']:.1%} | {r['snr_db']:.1f} |")
+             *markdown_table(["resolution", "tensors without rounding", "top-1 agreement", "logit SNR dB"],
+                             [[r["resolution"], _unrounded_label(r, everything), f"{r['agreement']:.1%}",
+                               f"{r['snr_db']:.1f}"] for r in rows if r["kind"] != "weights"]),
+             "", "Without bias correction (which the default applies for the rounded activations, so it is not "
+             "neutral once their rounding is gone), the same with 8- or 16-bit weights:", "",
+             *markdown_table(["resolution", "bits", "equalize", "activations", "top-1 agreement", "logit SNR dB"],
+                             [[r["resolution"], r["bits"], r["equalize"], "unrounded" if r["tensors"] else "8-bit",
+                               f"{r['agreement']:.1%}", f"{r['snr_db']:.1f}"] for r in rows if r["kind"] == "weights"])]
     lines += ["", END]
     return "\n".join(lines)
 
