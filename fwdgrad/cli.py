@@ -28,8 +28,9 @@ def _cmd_ptq_demo(args) -> int:
     print(f"exporting MobileNetV2 (ImageNet weights) at {args.resolution}x{args.resolution} to ONNX ...")
     path = model_onnx("mobilenetv2", resolution=args.resolution)
     calibration = real_photos(args.calibration, args.resolution, seed=1)
-    evaluation = real_photos(args.images, args.resolution, seed=0)
-    print(f"calibrating on {len(calibration)} and evaluating on {len(evaluation)} crops of real photos")
+    evaluation = real_photos(args.images, args.resolution, seed=0, photos=args.photos)
+    print(f"calibrating on {len(calibration)} crops of the bundled photos and evaluating on {len(evaluation)} "
+          f"crops of the {args.photos} photos")
     results = ptq_report(path, calibration, evaluation, args.bits, backend=args.backend, scales=args.scales,
                          equalize_channels=args.equalize)
     print(format_table(results))
@@ -247,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--resolution", type=int, default=224)
     demo.add_argument("--images", type=int, default=96, help="evaluation crops")
     demo.add_argument("--calibration", type=int, default=128, help="calibration crops")
+    demo.add_argument("--photos", default="bundled", choices=["bundled", "debian"],
+                      help="evaluation photos: bundled (7 scenes in the installed wheels) or debian (41 other "
+                           "scenes, fetched with apt-get download on first use)")
     demo.add_argument("--bits", nargs="+", default=["w8a8", "w16a8"])
     demo.add_argument("--scales", default="float", choices=SCALE_KINDS, help="pow2: every scale a power of two")
     demo.add_argument("--equalize", default="all", choices=EQUALIZE_MODES, help=EQUALIZE_HELP)

@@ -54,14 +54,28 @@ def photo_to_input(image: np.ndarray, resolution: int = 224) -> np.ndarray:
     return _normalise(image[y : y + s, x : x + s], resolution)
 
 
-def real_photos_with_sources(n: int, resolution: int = 224, seed: int = 0) -> tuple[np.ndarray, list[str]]:
-    """``n`` random crops (N x 3 x R x R float32) and the name of the photo each came from.
+def photo_set(name: str) -> tuple[tuple[str, np.ndarray], ...]:
+    """The photos of a set: ``bundled`` (the seven above) or ``debian`` (41 others, fetched on first use:
+    fwdgrad.data.debian_photos)."""
+    if name == "bundled":
+        return bundled_photos()
+    if name == "debian":
+        from .debian_photos import debian_photos
 
-    Crop i comes from ``bundled_photos()[i % len(...)]`` (every photo used evenly); its side is a
+        return debian_photos()
+    raise ValueError(f"unknown photo set {name!r}: choose 'bundled' or 'debian'")
+
+
+def real_photos_with_sources(n: int, resolution: int = 224, seed: int = 0,
+                             photos: str = "bundled") -> tuple[np.ndarray, list[str]]:
+    """``n`` random crops (N x 3 x R x R float32) of the set ``photos`` and the name of the photo each
+    came from.
+
+    Crop i comes from ``photo_set(photos)[i % len(...)]`` (every photo used evenly); its side is a
     uniform 0.35-1.0 of the photo's short side, its position uniform, and it is flipped
     horizontally with probability 1/2. Same arguments give the same array.
     """
-    photos = bundled_photos()
+    photos = photo_set(photos)
     rng = np.random.default_rng(seed)
     out = np.empty((n, 3, resolution, resolution), dtype=np.float32)
     sources = []
@@ -79,6 +93,6 @@ def real_photos_with_sources(n: int, resolution: int = 224, seed: int = 0) -> tu
     return out, sources
 
 
-def real_photos(n: int, resolution: int = 224, seed: int = 0) -> np.ndarray:
-    """``n`` ImageNet-normalised crops of real bundled photos, N x 3 x R x R float32."""
-    return real_photos_with_sources(n, resolution, seed)[0]
+def real_photos(n: int, resolution: int = 224, seed: int = 0, photos: str = "bundled") -> np.ndarray:
+    """``n`` ImageNet-normalised crops of real photos (the set ``photos``), N x 3 x R x R float32."""
+    return real_photos_with_sources(n, resolution, seed, photos)[0]
