@@ -27,6 +27,7 @@ bench: $(STAMP) data
 	$(PY) scripts/bench_engine.py
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/measure_ptq.py
+	$(PY) scripts/measure_ptq.py --photos debian
 	$(PY) scripts/measure_equalization.py
 	$(PY) scripts/measure_sensitivity.py
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 from fwdgrad.ptq import engine_logits
 from doc_sections import markdown_table
-from measure_ptq import measure_main, photo_task, scores
+from measure_ptq import PHOTO_SETS, measure_main, photo_task, scores
 from quant.convert import convert
 from quant.equalize import MAX_FACTOR, Equalization
 
-BEGIN, END = "<!-- measure_equalization:begin -->", "<!-- measure_equalization:end -->"
 ALPHAS = (0.25, 0.5, 0.75, 1.0)
 CAPS = (2.0, MAX_FACTOR, 1e4)
 
@@ -26,8 +25,8 @@ def settings() -> list[tuple[str, str, Equalization]]:
     return rows
 
 
-def measure(resolution: int, images: int, calibration_images: int) -> list[dict]:
-    path, calibration, evaluation, reference = photo_task(resolution, images, calibration_images)
+def measure(resolution: int, images: int, calibration_images: int, photos: str) -> list[dict]:
+    path, calibration, evaluation, reference = photo_task(resolution, images, calibration_images, photos)
     rows = []
     for sweep, bits, setting in settings():
         graph = convert(path, calibration, bits=bits, equalize_channels=setting)
@@ -40,20 +39,19 @@ def measure(resolution: int, images: int, calibration_images: int) -> list[dict]
     return rows
 
 
-def render(rows: list[dict], calibration_images: int) -> str:
-    lines = [BEGIN, "### Choosing alpha and the cap (`scripts/measure_equalization.py`)", "",
-             f"ImageNet MobileNetV2, {rows[0]['images']} photo crops (seed 0) against the float model, "
-             f"calibration on {calibration_images} other crops, minmax, bias correction. alpha: the dense "
-             f"consumers' strength (default: 1/2 for 8-bit weights, 1 for 16-bit); cap: the largest factor "
+def render(rows: list[dict], calibration_images: int, photos: str) -> str:
+    lines = ["### Choosing alpha and the cap (`scripts/measure_equalization.py`)", "",
+             f"ImageNet MobileNetV2, {rows[0]['images']} crops of {PHOTO_SETS[photos]} (seed 0) against the float "
+             f"model, calibration on {calibration_images} crops of the bundled photos, minmax, bias correction. "
+             f"alpha: the dense consumers' strength (default: 1/2 for 8-bit weights, 1 for 16-bit); cap: the largest factor "
              f"(default {MAX_FACTOR:g}; 10000 is in effect none).", "",
              *markdown_table(["resolution", "sweep", "bits", "mode", "alpha", "cap", "tensors equalized",
                               "top-1 agreement", "logit SNR dB"],
                              [[r["resolution"], r["sweep"], r["bits"], r["mode"],
                                "default" if r["alpha"] is None else f"{r['alpha']:g}", f"{r['max_factor']:g}",
-                               r["equalized"], f"{r['agreement']:.1%}", f"{r['snr_db']:.1f}"] for r in rows]),
-             "", END]
+                               r["equalized"], f"{r['agreement']:.1%}", f"{r['snr_db']:.1f}"] for r in rows])]
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    measure_main(__doc__, measure, render, (BEGIN, END), [128])
+    measure_main(__doc__, measure, render, "measure_equalization", [128])

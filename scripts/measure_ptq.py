@@ -24,7 +24,9 @@ from quant.convert import convert
 from quant.metrics import snr_db, top1_agreement
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "engine.md"
-BEGIN, END = "<!-- measure_ptq:begin -->", "<!-- measure_ptq:end -->"
+PHOTO_SETS = {"bundled": "the bundled photos",
+              "debian": "41 other photos, scenes the calibration crops do not show (two Debian packages' "
+                        "images: fwdgrad.data.debian_photos)"}
 CONFIDENT_MARGIN = 1.0  # logits between the float model's first and second class
 
 OURS = [("w8a8", "minmax", "float", "none"), ("w8a8", "minmax", "float", "depthwise"),
@@ -46,17 +48,18 @@ def scores(reference: np.ndarray, logits: np.ndarray) -> dict:
     return {"agreement": top1_agreement(reference, logits), "snr_db": snr_db(reference, logits)}
 
 
-def photo_task(resolution: int, images: int, calibration_images: int):
-    """MobileNetV2's ONNX file at ``resolution``, calibration crops (seed 1), evaluation crops (seed 0) and
-    the float model's logits on them: what every PTQ measurement here compares against."""
+def photo_task(resolution: int, images: int, calibration_images: int, photos: str = "bundled"):
+    """MobileNetV2's ONNX file at ``resolution``, calibration crops of the bundled photos (seed 1),
+    evaluation crops of the set ``photos`` (seed 0) and the float model's logits on them: what every PTQ
+    measurement here compares against."""
     path = model_onnx("mobilenetv2", resolution=resolution)
     calibration = real_photos(calibration_images, resolution, seed=1)
-    evaluation = real_photos(images, resolution, seed=0)
+    evaluation = real_photos(images, resolution, seed=0, photos=photos)
     return path, calibration, evaluation, float_logits(path, evaluation)
 
 
-def measure(resolution: int, images: int, calibration_images: int) -> list[dict]:
-    path, calibration, evaluation, reference = photo_task(resolution, images, calibration_images)
+def measure(resolution: int, images: int, calibration_images: int, photos: str) -> list[dict]:
+    path, calibration, evaluation, reference = photo_task(resolution, images, calibration_images, photos)
     top2 = np.sort(reference, axis=1)[:, -2:]
     confident = top2[:, 1] - top2[:, 0] >= CONFIDENT_MARGIN
     candidates = [(f"ours {bits} ({method}, bias correction{EQUALIZED[eq]}"
@@ -77,31 +80,37 @@ def measure(resolution: int, images: int, calibration_images: int) -> list[dict]
     return rows
 
 
-def render(rows: list[dict], calibration_images: int) -> str:
-    lines = [BEGIN, "## Accuracy against float (`scripts/measure_ptq.py`)", "",
-             f"ImageNet MobileNetV2; reference: the float model in onnxruntime. Evaluation: random crops of the "
-             f"bundled photos (seed 0), calibration: {calibration_images} other crops (seed 1), the same for every "
-             f"quantizer. *Confident* crops: the float model's top-1 logit leads the second by at least "
+def render(rows: list[dict], calibration_images: int, photos: str) -> str:
+    lines = [f"## Accuracy against float{'' if photos == 'bundled' else ', other scenes'} (`scripts/measure_ptq.py"
+             f"{'' if photos == 'bundled' else ' --photos ' + photos}`)", "",
+             f"ImageNet MobileNetV2; reference: the float model in onnxruntime. Evaluation: random crops of "
+             f"{PHOTO_SETS[photos]} (seed 0), calibration: {calibration_images} crops of the bundled photos (seed 1), "
+             f"the same for every quantizer. *Confident* crops: the float model's top-1 logit leads the second by at least "
              f"{CONFIDENT_MARGIN:g}.", "",
              *markdown_table(["resolution", "quantizer", "top-1 agreement (all crops)",
                               "top-1 agreement (confident crops)", "logit SNR dB"],
                              [[r["resolution"], r["quantizer"], f"{r['agreement']:.1%} of {r['images']}",
                                f"{r['agreement_confident']:.1%} of {r['confident']}", f"{r['snr_db']:.1f}"]
-                              for r in rows]), "", END]
+                              for r in rows])]
     return "\n".join(lines)
 
 
-def measure_main(description: str, measure, render, markers: tuple[str, str], resolutions: list[int]) -> None:
-    """The command line both PTQ measurements share: measure at each resolution, rewrite the doc section."""
+def measure_main(description: str, measure, render, section: str, resolutions: list[int]) -> None:
+    """The command line the PTQ measurements share: measure at each resolution, rewrite the doc section
+    (``section``, or ``section_<photos>`` for another photo set, so each set keeps its own table)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--resolutions", type=int, nargs="+", default=resolutions)
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--calibration", type=int, default=128)
+    parser.add_argument("--photos", choices=sorted(PHOTO_SETS), default="bundled",
+                        help="the evaluation crops' photos (calibration is always on the bundled ones)")
     args = parser.parse_args()
-    rows = [row for res in args.resolutions for row in measure(res, args.images, args.calibration)]
-    write_section(DOC, render(rows, args.calibration), *markers)
+    rows = [row for res in args.resolutions for row in measure(res, args.images, args.calibration, args.photos)]
+    name = section if args.photos == "bundled" else f"{section}_{args.photos}"
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    write_section(DOC, "\n".join([begin, render(rows, args.calibration, args.photos), "", end]), begin, end)
     print(f"wrote {DOC}")
 
 
 if __name__ == "__main__":
-    measure_main(__doc__, measure, render, (BEGIN, END), [224, 128])
+    measure_main(__doc__, measure, render, "measure_ptq", [224, 128])

@@ -5,8 +5,9 @@ on every activation tensor. Replacing one pair by a float Clip to the same real 
 range (and any clamp its quantizer applies) but not its rounding: what a much finer grid for that one
 tensor would give. Run in onnxruntime (basic level, float between the quantizers, so within float rounding
 of the engine's integers) on the photo crops of scripts/measure_ptq.py, against the float model: the
-logit SNR gained per tensor, then with the most sensitive tensors rounded away together, then all of them
-with 8- and 16-bit weights (the weights' share of what is left). Writes its section of docs/engine.md.
+logit SNR gained per tensor, then with the most sensitive tensors rounded away together; then where the
+rest of the gap is, one setting changed at a time (ideal calibration ranges, bias correction off with and
+without activation rounding, 16-bit activations or weights). Writes its section of docs/engine.md.
 """
 from __future__ import annotations
 
@@ -19,13 +20,19 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from doc_sections import markdown_table
-from measure_ptq import measure_main, photo_task, scores
+from measure_ptq import PHOTO_SETS, measure_main, photo_task, scores
 from quant.convert import convert
 from quant.export import export
 
-BEGIN, END = "<!-- measure_sensitivity:begin -->", "<!-- measure_sensitivity:end -->"
 TOP = 8
 TOGETHER = (1, 2, 4, 8, 16)
+SHARES = [  # (what the row changes from convert's w8a8 defaults, calibrated on, every activation unrounded?, convert options)
+    ("calibrated on the evaluation crops themselves", "evaluation", False, {}),
+    ("no bias correction", "calibration", False, {"bias_correction": False}),
+    ("no bias correction, every activation unrounded", "calibration", True, {"bias_correction": False}),
+    ("16-bit activations (w8a16): 8-bit weights, bias correction", "calibration", False, {"bits": "w8a16"}),
+    ("16-bit weights (w16a8)", "calibration", False, {"bits": "w16a8"}),
+]
 
 
 def activation_pairs(model: onnx.ModelProto) -> dict[str, tuple[onnx.NodeProto, onnx.NodeProto]]:
@@ -89,8 +96,8 @@ def logits(model: onnx.ModelProto, x: np.ndarray, batch_size: int = 50) -> np.nd
                            for i in range(0, len(x), batch_size)])
 
 
-def measure(resolution: int, images: int, calibration_images: int) -> list[dict]:
-    path, calibration, evaluation, reference = photo_task(resolution, images, calibration_images)
+def measure(resolution: int, images: int, calibration_images: int, photos: str) -> list[dict]:
+    path, calibration, evaluation, reference = photo_task(resolution, images, calibration_images, photos)
     model = export(convert(path, calibration, bits="w8a8"), evaluation.shape[1:], "qdq")
     base = logits(model, evaluation)
     row = lambda kind, tensors, out: {"resolution": resolution, "kind": kind, "tensors": tensors, "images": images,
@@ -102,13 +109,11 @@ def measure(resolution: int, images: int, calibration_images: int) -> list[dict]
     order = [r["tensors"][0] for r in single]
     rows += [row("together", order[:k], logits(unrounded(model, order[:k]), evaluation)) for k in TOGETHER]
     rows.append(row("together", order, logits(unrounded(model, order), evaluation)))
-    for bits, equalize in (("w8a8", "all"), ("w8a8", "none"), ("w16a8", "all")):  # the weights' share
-        other = export(convert(path, calibration, bits=bits, equalize_channels=equalize, bias_correction=False),
-                       evaluation.shape[1:], "qdq")
-        everything = list(activation_pairs(other))
-        for tensors in ([], everything):
-            rows.append(row("weights", tensors, logits(unrounded(other, tensors), evaluation))
-                        | {"bits": bits, "equalize": equalize})
+    data = {"calibration": calibration, "evaluation": evaluation}
+    for setting, calibrated_on, unround, options in SHARES:  # where the rest of the gap is
+        other = export(convert(path, data[calibrated_on], **{"bits": "w8a8"} | options), evaluation.shape[1:], "qdq")
+        tensors = list(activation_pairs(other)) if unround else []
+        rows.append(row("share", tensors, logits(unrounded(other, tensors), evaluation)) | {"setting": setting})
     for r in rows:
         print({k: v for k, v in r.items() if k != "tensors"} | {"tensors": len(r["tensors"])}, flush=True)
     return rows
@@ -121,24 +126,23 @@ def _unrounded_label(r: dict, everything: int) -> str:
             "together": f"all {k}" if k == everything else f"the {k} most sensitive"}[r["kind"]]
 
 
-def render(rows: list[dict], calibration_images: int) -> str:
+def render(rows: list[dict], calibration_images: int, photos: str) -> str:
     everything = max(len(r["tensors"]) for r in rows if r["kind"] == "together")
-    lines = [BEGIN, "### Which activation tensors limit w8a8 (`scripts/measure_sensitivity.py`)", "",
+    lines = ["### Which activation tensors limit w8a8 (`scripts/measure_sensitivity.py`)", "",
              f"ImageNet MobileNetV2 w8a8 (convert's defaults, {calibration_images} calibration crops), its qdq "
              "file in onnxruntime with some tensors' rounding taken away (their Q -> DQ pair replaced by a float "
-             "Clip to the same range), against the float model on the crops of the table above. One: the "
+             f"Clip to the same range), against the float model on {rows[0]['images']} crops of {PHOTO_SETS[photos]} "
+             "(seed 0). One: the "
              f"{TOP} tensors whose rounding costs the most, alone; together: the most sensitive k at once.", "",
              *markdown_table(["resolution", "tensors without rounding", "top-1 agreement", "logit SNR dB"],
                              [[r["resolution"], _unrounded_label(r, everything), f"{r['agreement']:.1%}",
-                               f"{r['snr_db']:.1f}"] for r in rows if r["kind"] != "weights"]),
-             "", "Without bias correction (which the default applies for the rounded activations, so it is not "
-             "neutral once their rounding is gone), the same with 8- or 16-bit weights:", "",
-             *markdown_table(["resolution", "bits", "equalize", "activations", "top-1 agreement", "logit SNR dB"],
-                             [[r["resolution"], r["bits"], r["equalize"], "unrounded" if r["tensors"] else "8-bit",
-                               f"{r['agreement']:.1%}", f"{r['snr_db']:.1f}"] for r in rows if r["kind"] == "weights"])]
-    lines += ["", END]
+                               f"{r['snr_db']:.1f}"] for r in rows if r["kind"] != "share"]),
+             "", "Where the rest is: the same w8a8 model with one thing changed (nothing unrounded unless said):", "",
+             *markdown_table(["resolution", "changed", "top-1 agreement", "logit SNR dB"],
+                             [[r["resolution"], r["setting"], f"{r['agreement']:.1%}", f"{r['snr_db']:.1f}"]
+                              for r in rows if r["kind"] == "share"])]
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    measure_main(__doc__, measure, render, (BEGIN, END), [128])
+    measure_main(__doc__, measure, render, "measure_sensitivity", [128])
