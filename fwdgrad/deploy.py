@@ -168,4 +168,8 @@ def verify_onnx(model_path: str | Path, run: str | Path, data: str | None = None
           and report["scales"] == "float" and has_int8_dot_products()):
         report["hint"] = ("this CPU has int8 dot-product instructions: with --optimization int8 onnxruntime runs "
                           "this file on its int8 kernels, which compute the engine's integers (docs/export.md)")
+    elif report["format"] == "qdq" and str(report["bits"]).startswith("w16"):
+        report["hint"] = ("onnxruntime has no integer kernel for 16-bit weights, at any level: it runs this file's "
+                          "layers in float32, whose sums of 16-bit products can round, so its integers may differ "
+                          "from the engine's (docs/export.md); --format qop runs the engine's integers")
     return report | compare(session, run.graph, run.weights, x, test.labels[:samples])

@@ -421,6 +421,17 @@ def test_a_power_of_two_run_exports_exactly_as_qdq(digits_backbone, tmp_path, ca
     assert "--optimization basic or all" in fused["warning"]
 
 
+def test_verify_onnx_says_what_16_bit_weights_in_qdq_get(digits_backbone, tmp_path, capsys):
+    """No onnxruntime kernel takes 16-bit integer weights: the qdq file runs in float, and verify-onnx says
+    so and names the exact format; qop of the same run is exact."""
+    run = train_through_cli(tmp_path, digits_backbone, "--bits", "w16a8")
+    qdq = export_and_verify(run, "qdq", tmp_path, capsys, source=run / "checkpoint")
+    assert qdq["bits"] == "w16a8" and "no integer kernel for 16-bit weights" in qdq["hint"]
+    assert "--format qop" in qdq["hint"] and qdq["top1_agreement"] >= 0.99
+    qop = export_and_verify(run, "qop", tmp_path, capsys)
+    assert qop["max_integer_difference"] == 0 and "hint" not in qop
+
+
 @pytest.mark.parametrize("fmt, scales", [("qop", "float"), ("qdq", "pow2")])
 def test_quantize_writes_the_engines_model(residual_net, tmp_path, capsys, fmt, scales):
     """Post-training quantization straight to a deployable file: onnxruntime computes the engine's integers."""
