@@ -229,7 +229,7 @@ EQUALIZE_HELP = ("per-channel activation equalization before quantizing: all (de
 
 def build_parser() -> argparse.ArgumentParser:
     from fwdgrad.deploy import OPTIMIZATION_LEVELS
-    from quant.convert import CALIBRATION_METHODS
+    from quant.calibration import CALIBRATION_METHODS
     from quant.equalize import EQUALIZE_MODES
     from quant.tensor import SCALE_KINDS
 

@@ -15,7 +15,6 @@ Everything is seeded: devices' step seeds derive from (seed, device), their batc
 """
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 import time

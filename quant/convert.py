@@ -24,12 +24,12 @@ from onnx import numpy_helper
 
 from .fixedpoint import check_rounding
 from .backends import get_backend
-from .calibration import CALIBRATION_METHODS, all_but_channels, calibrate, check_method
+from .calibration import all_but_channels, calibrate, check_method
 from .equalize import Equalization, equalize
 from .graph import QGraph, check_input_shape
 from .ops.base import WeightedNode
 from .ops import ConvGeometry, PoolGeometry, QAdd, QAvgPool, QClamp, QConcat, QConv, QLinear, QMaxPool, QReshape
-from .tensor import QParams, activation_params, check_scales, dequantize, quantize, weight_params
+from .tensor import QParams, activation_params, check_scales, quantize, weight_params
 
 SUPPORTED_OPS = ("Conv", "BatchNormalization (after Conv)", "Gemm", "MatMul (+ Add of a constant)", "Add", "Relu",
                  "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean (spatial)", "Flatten",

@@ -1,6 +1,6 @@
 import io
+from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 
@@ -58,3 +58,45 @@ def residual_net():
             opt.step()
     net.eval()
     return net, x.numpy(), y.numpy(), export_to_proto(net, x[:1])
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """This test's own data and model cache (FWDGRAD_CACHE), so that tests never see each other's files."""
+    monkeypatch.setenv("FWDGRAD_CACHE", str(tmp_path / "cache"))
+
+
+def digits_split(residual_net, train: int, test_end: int):
+    """The first ``train`` digits to train on, digits 1500 to ``test_end`` to test on (after the residual
+    net's own training images)."""
+    from fwdgrad.trainer import TrainData
+
+    _, x, y, _ = residual_net
+    return TrainData(x[:train], y[:train], x[1500:test_end], y[1500:test_end])
+
+
+def digits_task(residual_net, bits: str, train: int, test_end: int):
+    """The residual net quantized at ``bits`` (calibrated on 200 digits) and its ``digits_split``."""
+    from quant.convert import convert
+
+    _, x, _, proto = residual_net
+    return convert(proto, x[:200], bits=bits), digits_split(residual_net, train, test_end)
+
+
+def serve_residual_net(monkeypatch, residual_net, train: int, test_end: int):
+    """Make fwdgrad.task prepare the residual net on digits (a ``digits_split``), whatever model and
+    data set a config names, the way the real preparation does: the float model goes to OUT/model.onnx.
+    For the runners that prepare their own tasks (grids, studies, fleets)."""
+    import fwdgrad.task
+    from quant.convert import convert
+
+    _, x, y, proto = residual_net
+    monkeypatch.setattr(fwdgrad.task, "prepare_data", lambda cfg: digits_split(residual_net, train, test_end))
+
+    def prepare_graph(cfg, data, out):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        onnx.save(proto, Path(out) / "model.onnx")
+        return convert(proto, x[:200], bits=cfg.bits)
+
+    monkeypatch.setattr(fwdgrad.task, "prepare_graph", prepare_graph)
+    return x, y, proto

@@ -4,26 +4,22 @@ import json
 import numpy as np
 import pytest
 
+from conftest import digits_task
 from fwdgrad.backprop import BackpropTrainer, trainer_for
 from fwdgrad.config import TrainConfig
 from fwdgrad.reference import FloatTwin
-from fwdgrad.trainer import Trainer, TrainData
-from quant.convert import convert
+from fwdgrad.trainer import Trainer
 
 SETTINGS = dict(bits="w8a8", selection="trady", budget="2KB", epochs=2, batch_size=100, bp_lr=0.05,
                 rgn_samples=128, schedule="constant")
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FWDGRAD_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")
 def task(residual_net):
-    _, x, y, proto = residual_net
-    graph = convert(proto, x[:200], bits="w8a8")
-    return graph, TrainData(x[:600], y[:600], x[1500:1797], y[1500:1797])
+    return digits_task(residual_net, "w8a8", train=600, test_end=1797)
 
 
 def run(task, out, **changes):

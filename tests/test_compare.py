@@ -1,14 +1,11 @@
 """fwdgrad compare: grids expand as written, runs are reused, failures are reported, the report is whole."""
 import json
-from pathlib import Path
 
-import onnx
 import pytest
 
-import fwdgrad.task
+from conftest import serve_residual_net
 from fwdgrad.compare import compare, load_grid, run_grid, write_report
-from fwdgrad.trainer import Trainer, TrainData
-from quant.convert import convert
+from fwdgrad.trainer import Trainer
 
 GRID = """
 [base]
@@ -36,22 +33,13 @@ method = "bp"
 """
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FWDGRAD_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture
 def residual_task(residual_net, monkeypatch):
     """The grid trains the conftest residual net on sklearn digits (in this process)."""
-    _, x, y, proto = residual_net
-    monkeypatch.setattr(fwdgrad.task, "prepare_data", lambda cfg: TrainData(x[:400], y[:400], x[1500:1700], y[1500:1700]))
-    def prepare_graph(cfg, data, out):  # as the real one: the float model goes to OUT/model.onnx
-        Path(out).mkdir(parents=True, exist_ok=True)
-        onnx.save(proto, Path(out) / "model.onnx")
-        return convert(proto, x[:200], bits=cfg.bits)
-
-    monkeypatch.setattr(fwdgrad.task, "prepare_graph", prepare_graph)
+    serve_residual_net(monkeypatch, residual_net, train=400, test_end=1700)
 
 
 def write(tmp_path, text):

@@ -1,6 +1,5 @@
 """Float ONNX -> QGraph: accuracy at every bit width, the trainer's hooks, and clear errors."""
 import numpy as np
-import onnx
 import pytest
 from hypothesis import given, settings, strategies as st
 from onnx import TensorProto, helper

@@ -5,7 +5,6 @@ Python-API mistakes raise ValueError / FileNotFoundError / FloatingPointError wi
 Everything runs on tiny untrained models and a hundred digits, so the whole file takes seconds.
 """
 import io
-import json
 import re
 import warnings
 

@@ -7,7 +7,7 @@ from fwdgrad.channels import channel_mask, per_channel_sum, selection_bytes
 from fwdgrad.estimators import estimate
 from fwdgrad.loss import cross_entropy
 from fwdgrad.perturb import draw, integer_limits, perturbation_units, selection_masks
-from fwdgrad.reference import FloatTwin, float_weights, gradients
+from fwdgrad.reference import FloatTwin, gradients
 from fwdgrad.update import apply_update, stochastic_round
 from quant.convert import convert
 

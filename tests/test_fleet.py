@@ -1,43 +1,31 @@
 """Fleets: non-IID splits, seed replay that reproduces a device's own integers, and a 3-device Flower
 simulation whose copies stay bit-identical while uploading a few bytes per step."""
 import json
-from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 
+from conftest import serve_residual_net
 import fwdgrad.task
 from fwdgrad.config import TrainConfig
-from fwdgrad.exchange import SeedSteps, average_values, replay, set_values, trained_values
+from fwdgrad.exchange import average_values, replay, set_values, trained_values
 from fwdgrad.fleet import Device, FleetConfig, load_fleet, run_fleet
 from fwdgrad.partition import client_indices
 from fwdgrad.perturb import perturbation_units, selection_masks
-from fwdgrad.trainer import Trainer, TrainData, weights_digest
+from fwdgrad.trainer import weights_digest
 from quant.convert import convert
 
 SMALL = dict(dataset="digits", bits="w16a8", selection="s-full-random", budget="2KB", batch_size=25, m=2,
              eps=1.0, lr=2.0, schedule="cosine", seed=3)
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FWDGRAD_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture
 def residual_task(residual_net, monkeypatch):
     """The fleet's server prepares the conftest residual net on sklearn digits (devices get it pickled)."""
-    _, x, y, proto = residual_net
-    monkeypatch.setattr(fwdgrad.task, "prepare_data", lambda cfg: TrainData(x[:300], y[:300], x[1500:1650], y[1500:1650]))
-
-    def prepare_graph(cfg, data, out):
-        Path(out).mkdir(parents=True, exist_ok=True)
-        onnx.save(proto, Path(out) / "model.onnx")
-        return convert(proto, x[:200], bits=cfg.bits)
-
-    monkeypatch.setattr(fwdgrad.task, "prepare_graph", prepare_graph)
-    return x, y, proto
+    return serve_residual_net(monkeypatch, residual_net, train=300, test_end=1650)
 
 
 def test_label_split_deals_disjoint_classes():

@@ -2,12 +2,11 @@
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 from hypothesis import given, settings, strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from quant.backends import get_backend
-from quant.ops import ConvGeometry, QConv, QLinear
+from quant.ops import QConv, QLinear
 from quant.tensor import QParams, weight_params, quantize
 
 from test_kernels import conv_cases

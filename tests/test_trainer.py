@@ -4,24 +4,20 @@ import json
 import numpy as np
 import pytest
 
+from conftest import digits_task
 from fwdgrad.config import TrainConfig, parse_bytes
 from fwdgrad.trainer import Trainer, TrainData, load_graph
-from quant.convert import convert
 
 SMALL = dict(model="residual-net", dataset="digits", bits="w16a8", selection="trady", budget="600B", epochs=2,
              batch_size=100, m=2, eps=1.0, lr=1.0, rgn_samples=128)
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FWDGRAD_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")
 def task(residual_net):
-    _, x, y, proto = residual_net
-    graph = convert(proto, x[:200], bits="w16a8")
-    return graph, TrainData(x[:600], y[:600], x[1500:1700], y[1500:1700])
+    return digits_task(residual_net, "w16a8", train=600, test_end=1700)
 
 
 def train(task, out, **changes):

@@ -1,16 +1,13 @@
 """fwdgrad tune: a seeded Optuna study over lr / eps / m, trained through the executors, resumable."""
 import json
 import tomllib
-from pathlib import Path
 
-import onnx
 import pytest
 
-import fwdgrad.task
+from conftest import serve_residual_net
 from fwdgrad.config import TrainConfig
-from fwdgrad.trainer import Trainer, TrainData
+from fwdgrad.trainer import Trainer
 from fwdgrad.tune import default_space, load_study, tune
-from quant.convert import convert
 
 pytest.importorskip("optuna")
 
@@ -31,22 +28,12 @@ seed = 7
 """
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FWDGRAD_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture
 def residual_task(residual_net, monkeypatch):
-    _, x, y, proto = residual_net
-    monkeypatch.setattr(fwdgrad.task, "prepare_data", lambda cfg: TrainData(x[:300], y[:300], x[1500:1700], y[1500:1700]))
-
-    def prepare_graph(cfg, data, out):
-        Path(out).mkdir(parents=True, exist_ok=True)
-        onnx.save(proto, Path(out) / "model.onnx")
-        return convert(proto, x[:200], bits=cfg.bits)
-
-    monkeypatch.setattr(fwdgrad.task, "prepare_graph", prepare_graph)
+    serve_residual_net(monkeypatch, residual_net, train=300, test_end=1700)
 
 
 def write(tmp_path, text):

@@ -20,7 +20,6 @@ import torch
 from ..filelock import exclusive
 from . import onnx_export
 from .mobilenetv2 import load_imagenet_mobilenetv2
-from .small_cnn import SmallCNN
 
 
 @dataclass(frozen=True)
