@@ -37,7 +37,7 @@ def test_debian_photos_are_read_from_the_data_cache(cache):
 
 def test_without_apt_the_error_says_how_to_get_them(cache, monkeypatch):
     monkeypatch.setattr(dp.shutil, "which", lambda tool: None)
-    with pytest.raises(FileNotFoundError, match="apt-get download opencv-doc mate-backgrounds"):
+    with pytest.raises(FileNotFoundError, match="apt-get download opencv-doc mate-backgrounds.*sudo apt-get update"):
         photo_set("debian")
 
 

@@ -38,7 +38,8 @@ PACKAGES = {
         "TwoWings", "Wood", "YellowFlower"))),
 }
 SYSTEM_ROOT = Path("/")  # where the installed packages put their files
-INSTALL = "apt-get download opencv-doc mate-backgrounds (fwdgrad does it on first use; or: sudo apt-get install -y opencv-doc mate-backgrounds)"
+INSTALL = ("fwdgrad runs `apt-get download opencv-doc mate-backgrounds` on first use; if the package lists are "
+           "missing run `sudo apt-get update` first, or install both: sudo apt-get install -y opencv-doc mate-backgrounds")
 
 
 def photos_dir() -> Path:
