@@ -248,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--resolution", type=int, default=224)
     demo.add_argument("--images", type=int, default=96, help="evaluation crops")
     demo.add_argument("--calibration", type=int, default=128, help="calibration crops")
+    # fwdgrad.data.photos.PHOTO_SETS, not imported here: that module loads scikit-image and scikit-learn
     demo.add_argument("--photos", default="bundled", choices=["bundled", "debian"],
                       help="evaluation photos: bundled (7 scenes in the installed wheels) or debian (41 other "
                            "scenes, fetched with apt-get download on first use)")

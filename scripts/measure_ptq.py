@@ -24,7 +24,7 @@ from quant.convert import convert
 from quant.metrics import snr_db, top1_agreement
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "engine.md"
-PHOTO_SETS = {"bundled": "the bundled photos",
+PHOTO_SETS = {"bundled": "the bundled photos",  # fwdgrad.data.photos.PHOTO_SETS, described
               "debian": "41 other photos, scenes the calibration crops do not show (two Debian packages' "
                         "images: fwdgrad.data.debian_photos)"}
 CONFIDENT_MARGIN = 1.0  # logits between the float model's first and second class

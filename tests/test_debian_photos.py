@@ -8,7 +8,8 @@ import pytest
 import skimage.io
 
 from fwdgrad.data import debian_photos as dp
-from fwdgrad.data.photos import photo_set, real_photos_with_sources
+from fwdgrad.cli import build_parser
+from fwdgrad.data.photos import PHOTO_SETS, photo_set, real_photos_with_sources
 
 
 @pytest.fixture
@@ -49,6 +50,11 @@ def test_a_failed_download_leaves_nothing_behind(cache, monkeypatch):
     assert not dp.photos_dir().exists() and list(dp.photos_dir().parent.iterdir()) == []
 
 
+def test_ptq_demo_offers_every_photo_set():
+    parser = build_parser()
+    assert [parser.parse_args(["ptq-demo", "--photos", name]).photos for name in PHOTO_SETS] == list(PHOTO_SETS)
+
+
 def test_an_unknown_photo_set_is_named():
-    with pytest.raises(ValueError, match="unknown photo set 'imagenet': choose 'bundled' or 'debian'"):
+    with pytest.raises(ValueError, match="unknown photo set 'imagenet': choose one of bundled, debian"):
         photo_set("imagenet")

@@ -54,6 +54,9 @@ def photo_to_input(image: np.ndarray, resolution: int = 224) -> np.ndarray:
     return _normalise(image[y : y + s, x : x + s], resolution)
 
 
+PHOTO_SETS = ("bundled", "debian")
+
+
 def photo_set(name: str) -> tuple[tuple[str, np.ndarray], ...]:
     """The photos of a set: ``bundled`` (the seven above) or ``debian`` (41 others, fetched on first use:
     fwdgrad.data.debian_photos)."""
@@ -63,7 +66,7 @@ def photo_set(name: str) -> tuple[tuple[str, np.ndarray], ...]:
         from .debian_photos import debian_photos
 
         return debian_photos()
-    raise ValueError(f"unknown photo set {name!r}: choose 'bundled' or 'debian'")
+    raise ValueError(f"unknown photo set {name!r}: choose one of {', '.join(PHOTO_SETS)}")
 
 
 def real_photos_with_sources(n: int, resolution: int = 224, seed: int = 0,
