@@ -28,7 +28,6 @@ from quant.export import ExportError, export, qdq_nodes_against_engine
 from quant.tensor import quantize
 
 
-
 def onnxruntime_logits(model, level: str, x: np.ndarray, graph, batch_size: int = 16) -> np.ndarray:
     """The file's logits on the engine's output grid (qop: its integers; qdq: its floats quantized)."""
     session = ort.InferenceSession(model.SerializeToString(), session_options(level), providers=["CPUExecutionProvider"])

@@ -31,10 +31,9 @@ QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "Add", "Clip", 
 INT8_DOT_PRODUCTS = int8_gemm.has_int8_dot_products()
 
 
-def session(model, level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC):
-    options = ort.SessionOptions()
-    options.graph_optimization_level = level
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+def session(model, level="basic"):
+    """An onnxruntime session at one of verify-onnx's levels (fwdgrad.deploy.OPTIMIZATION_LEVELS)."""
+    return ort.InferenceSession(model.SerializeToString(), session_options(level), providers=["CPUExecutionProvider"])
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +84,7 @@ def test_qop_is_exact_at_onnxruntimes_full_optimization_level(residual_net, scal
     graph = convert(proto, x[:200], scales=scales)
     weights = perturbed(graph)
     model = export(graph, (1, 8, 8), "qop", weights)
-    theirs = session(model, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(["logits_int"], {"input": x})[0]
+    theirs = session(model, "all").run(["logits_int"], {"input": x})[0]
     assert np.array_equal(theirs, graph.forward(x, weights=weights))
 
 
@@ -162,7 +161,7 @@ def test_qop_add_of_power_of_two_scales_is_exact_at_every_optimization_level(exp
     env = {t: ints(rng, (2, 4, 6, 6), 8) for t in ("a", "b")}
     model = export_segment(graph, 2, 3, {t: (1, 4, 6, 6) for t in env}, "qop")
     ours = graph.forward(dict(env), start="add")
-    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+    for level in ("basic", "all"):
         assert np.array_equal(session(model, level).run(None, env)[0], ours)
 
 
@@ -241,8 +240,7 @@ def test_qdq_in_onnxruntimes_int8_kernels(graphs, residual_net, bits):
     _, x, _, _ = residual_net
     graph, weights = graphs[bits], perturbed(graphs[bits])
     model = export(graph, (1, 8, 8), "qdq", weights)
-    fused = ort.InferenceSession(model.SerializeToString(), session_options("int8"), providers=["CPUExecutionProvider"])
-    theirs = quantize(fused.run(["logits"], {"input": x})[0], graph.output_params)
+    theirs = quantize(session(model, "int8").run(["logits"], {"input": x})[0], graph.output_params)
     ours = graph.forward(x, weights=weights)
     if bits == "w8a8":
         assert np.array_equal(theirs, ours)
@@ -265,9 +263,7 @@ def test_mobilenetv2_qdq_in_onnxruntimes_int8_kernels():
     model = export(graph, x.shape[1:], "qdq")
     ours = graph.forward(x)
     for level, exact in (("int8", True), ("all", False)):
-        runtime = ort.InferenceSession(model.SerializeToString(), session_options(level),
-                                       providers=["CPUExecutionProvider"])
-        theirs = quantize(runtime.run(["logits"], {"input": x})[0], graph.output_params)
+        theirs = quantize(session(model, level).run(["logits"], {"input": x})[0], graph.output_params)
         assert np.array_equal(theirs, ours) == exact, level
 
 
@@ -389,7 +385,6 @@ def export_and_verify(run, fmt, tmp_path, capsys, source=None, optimization="bas
     for kind in ("warning", "hint"):
         assert (kind in report) == (f"note: {report.get(kind)}" in out)
     return report
-
 
 
 def test_export_and_verify_a_training_run(trained_run, tmp_path, capsys):

@@ -1,10 +1,9 @@
 """numba kernels == numpy reference kernels, integer for integer, over generated shapes and widths."""
 import gc
+from unittest import mock
 
 import numpy as np
 import pytest
-from unittest import mock
-
 from hypothesis import given, settings, strategies as st
 
 from quant.backends import get_backend

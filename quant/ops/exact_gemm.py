@@ -113,7 +113,7 @@ def _chunked_product(w3, o0, o1, cols):
 
 @numba.njit(cache=True, nogil=True)
 def store_tile(acc, o0, g0, g1, offset, f32, mantissa, shift, zero_point, qmin, qmax, half_even, requantize_out,
-                out3):
+               out3):
     """out3[b, o0 + c, j] = requantize(acc[c, g - g0] + offset[o0 + c]) for the flattened columns
     g = b * s + j in [g0, g1)."""
     s = out3.shape[2]
@@ -149,10 +149,10 @@ def _gemm_requant_kernel(x3, w3, offset, f32, mantissa, shift, zero_point, qmin,
         _gather_tile(x3, g0, g1, cols)
         if n_chunks == 1:
             store_tile(np.dot(w3[0, o0:o1], cols), o0, g0, g1, offset, f32, mantissa, shift, zero_point, qmin,
-                        qmax, half_even, requantize_out, out3)
+                       qmax, half_even, requantize_out, out3)
         else:
             store_tile(_chunked_product(w3, o0, o1, cols), o0, g0, g1, offset, f32, mantissa, shift, zero_point,
-                        qmin, qmax, half_even, requantize_out, out3)
+                       qmin, qmax, half_even, requantize_out, out3)
 
 
 def gemm_weights(w: np.ndarray, x_dtype) -> np.ndarray:
