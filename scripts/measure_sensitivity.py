@@ -20,6 +20,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from doc_sections import markdown_table
+from fwdgrad.deploy import session_options
 from measure_ptq import PHOTO_SETS, measure_main, photo_task, scores
 from quant.convert import convert
 from quant.export import export
@@ -91,7 +92,9 @@ def engine_name(tensor: str) -> str:
 
 
 def logits(model: onnx.ModelProto, x: np.ndarray, batch_size: int = 50) -> np.ndarray:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    """The file's logits at onnxruntime's basic level: its own ONNX semantics, none of the CPU fusions."""
+    session = ort.InferenceSession(model.SerializeToString(), session_options("basic"),
+                                   providers=["CPUExecutionProvider"])
     return np.concatenate([session.run(["logits"], {"input": x[i:i + batch_size]})[0]
                            for i in range(0, len(x), batch_size)])
 
