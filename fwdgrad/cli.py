@@ -79,7 +79,7 @@ def _cmd_train(args) -> int:
     from fwdgrad.config import TrainConfig
     from fwdgrad.task import prepare_data, prepare_graph
     from fwdgrad.backprop import trainer_for
-    from fwdgrad.trainer import load_graph
+    from fwdgrad.rundir import load_graph
 
     overrides = _train_overrides(args)
     if args.resume:

@@ -80,7 +80,7 @@ def run_one(settings: dict, out: str) -> dict:
     """Train one configuration into ``out``: reuse it if finished, resume it if killed."""
     from .backprop import trainer_for
     from .task import prepare_data, prepare_graph
-    from .trainer import load_graph
+    from .rundir import load_graph
 
     out = Path(out)
     cfg = TrainConfig.from_dict(settings)
@@ -196,7 +196,7 @@ def planned_memory(run_dir: str) -> dict:
     from devices.planner import plan, selection_shape
     from devices.profiles import load_profile
 
-    from .trainer import load_checkpoint, load_graph
+    from .rundir import load_checkpoint, load_graph
 
     cfg = TrainConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
     graph = load_graph(run_dir)

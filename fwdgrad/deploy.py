@@ -20,7 +20,7 @@ from quant.graph import QGraph
 from quant.tensor import quantize
 
 from .config import TrainConfig
-from .trainer import load_checkpoint, load_graph
+from .rundir import load_checkpoint, load_graph
 
 # onnxruntime session settings verify-onnx offers. basic: the file's ONNX semantics (float ops between the
 # quantizers); all: onnxruntime's default, with its CPU-specific fusions; int8: all, and QDQ groups with

@@ -290,7 +290,7 @@ def _read_files(out: str) -> dict[str, bytes]:
 
 def _write_files(out: str, files: dict[str, bytes]) -> None:
     """Write a remote run's files where the driver expects them (skipping what is already here)."""
-    from .trainer import atomic_write_bytes
+    from .rundir import atomic_write_bytes
 
     root = Path(out)
     for name, data in sorted(files.items(), key=lambda item: item[0].endswith("state.json")):  # state last

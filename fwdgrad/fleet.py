@@ -30,7 +30,9 @@ from .exchange import (PROTOCOLS, SeedSteps, as_sent, average_values, payload_by
                        trained_values)
 from .partition import SPLITS, client_indices
 from .perturb import perturbation_units, selection_masks
-from .trainer import Trainer, TrainData, atomic_write_json, evaluate, weights_digest
+from .data.split import TrainData
+from .rundir import atomic_write_json, weights_digest
+from .trainer import Trainer, evaluate
 from .update import apply_update
 
 FLWR_INSTALL = "pip install 'flwr[simulation]==1.41.0' (or pip install -e '.[test]', which installs it)"

@@ -16,7 +16,7 @@ from quant.convert import convert
 from quant.graph import QGraph
 
 from .config import TrainConfig
-from .trainer import TrainData
+from .data.split import TrainData
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 3, 1, 1)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 3, 1, 1)

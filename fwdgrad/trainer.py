@@ -11,9 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,55 +23,11 @@ from .channels import Selection, selection_bytes, selection_count
 from .config import TrainConfig
 from .estimators import Estimate, estimate
 from .loss import LOSS_FRACTION_BITS, cross_entropy, integer_cross_entropy, top1
+from .data.split import TrainData
 from .perturb import integer_limits, perturbation_units, selection_masks
+from .rundir import atomic_write_json, load_checkpoint, read_json, save_checkpoint, save_graph, weights_digest
 from .selection import ChannelSampler, channel_rgn, channel_rgn_zo, preselect_layers
 from .update import apply_update, learning_rate
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, value) -> None:
-    atomic_write_bytes(path, json.dumps(value, indent=2, default=_json_default).encode())
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
-@dataclass
-class TrainData:
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-
-    def __post_init__(self):
-        """Refuse data the loop would fail on mid-run, or silently mis-learn from."""
-        for split in ("train", "test"):
-            x, y = np.asarray(getattr(self, f"x_{split}")), np.asarray(getattr(self, f"y_{split}"))
-            if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or not len(x):
-                raise ValueError(f"x_{split} {x.shape} and y_{split} {y.shape} must hold samples (N, C, H, W) "
-                                 f"and one label each (N,), N > 0")
-            bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
-            if bad.any():
-                raise ValueError(f"x_{split} holds NaN or inf in {int(bad.sum())} of {len(x)} samples (the first "
-                                 f"at index {int(np.argmax(bad))}): repair or drop them before training, e.g. "
-                                 f"keep = np.isfinite(x).all(axis=(1, 2, 3))")
-            if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-                raise ValueError(f"y_{split} must hold class indices (integers >= 0), got {y.dtype} "
-                                 f"from {y.min()} to {y.max()}")
-        if np.shape(self.x_train)[1:] != np.shape(self.x_test)[1:]:
-            raise ValueError(f"train samples are {np.shape(self.x_train)[1:]} but test samples "
-                             f"{np.shape(self.x_test)[1:]}: give both splits the model's input shape")
 
 
 def evaluate(graph: QGraph, weights: dict, x: np.ndarray, y: np.ndarray, backend: str, batch_size: int = 256) -> tuple[float, float]:
@@ -150,15 +104,7 @@ class Trainer:
                                                                                (n.bias_key, n.bias))}
 
     def save(self, state: dict, weights: dict, momentum: dict) -> None:
-        """Weights first (under a step-specific name), then the state that points at them."""
-        name = f"weights-{state['step']:08d}.npz"
-        buffer = _npz_bytes({**{f"w:{k}": v for k, v in weights.items()},
-                             **{f"m:{k}": np.asarray(v) for k, v in momentum.items()}})
-        atomic_write_bytes(self.ckpt / name, buffer)
-        atomic_write_json(self.ckpt / "state.json", state | {"weights_file": name})
-        for old in self.ckpt.glob("weights-*.npz"):
-            if old.name != name:
-                old.unlink()
+        save_checkpoint(self.ckpt, state, weights, momentum)
 
     def load(self) -> tuple[dict, dict, dict]:
         return load_checkpoint(self.out)
@@ -207,12 +153,12 @@ class Trainer:
         if resume:
             state, weights, momentum = self.load()
             if state["config_digest"] != cfg.digest():
-                stored = json.loads((self.out / "config.json").read_text())
+                stored = read_json(self.out / "config.json", "run configuration")
                 raise ValueError(f"{self.out} holds a run of another configuration{cfg.changes_from(stored)}: "
                                  f"resume it with its own settings (config.json), or train into a new --out")
         else:
             atomic_write_json(self.out / "config.json", cfg.to_dict())
-            atomic_write_bytes(self.ckpt / "graph.pkl", pickle.dumps(graph))
+            save_graph(self.ckpt, graph)
             weights, momentum = self.initial_weights(), {}
             zero_loss, zero_top1 = self.evaluate(weights, data.x_test, data.y_test)
             state = {"step": 0, "forward_calls": 0, "epochs_done": 0, "history": [], "config_digest": cfg.digest(),
@@ -247,7 +193,7 @@ class Trainer:
                 if not np.isfinite(loss):
                     raise FloatingPointError("the loss is NaN/inf: lower --lr (--bp-lr for backprop) or --eps")
             except FloatingPointError as err:
-                kept = json.loads((self.ckpt / "state.json").read_text())["step"]
+                kept = read_json(self.ckpt / "state.json", "checkpoint")["step"]
                 raise FloatingPointError(f"training diverged at step {step + 1} of {self.total_steps}: {err}; "
                                          f"the last checkpoint (step {kept}) is kept in {self.ckpt}; train again "
                                          f"into a new --out with the lower setting") from err
@@ -359,35 +305,3 @@ def architecture_digest(graph: QGraph) -> str:
 def integer_loss(logits_int, params, labels) -> float:
     """The integer-only loss, as the float the estimator divides (the device would keep it in Q.16)."""
     return integer_cross_entropy(logits_int, params, labels) / (1 << LOSS_FRACTION_BITS)
-
-
-def weights_digest(weights: dict) -> str:
-    """A fingerprint of the integers, to compare runs (resume, backends) bit for bit."""
-    digest = hashlib.sha256()
-    for key in sorted(weights):
-        digest.update(key.encode())
-        digest.update(np.ascontiguousarray(weights[key]).tobytes())
-    return digest.hexdigest()
-
-
-def _npz_bytes(arrays: dict) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
-
-
-def load_checkpoint(out: str | Path) -> tuple[dict, dict, dict]:
-    """(state, weights, momentum) of the last checkpoint of the run in ``out``."""
-    ckpt = Path(out) / "checkpoint"
-    state = json.loads((ckpt / "state.json").read_text())
-    arrays = np.load(ckpt / state["weights_file"])
-    weights = {k[2:]: arrays[k] for k in arrays.files if k.startswith("w:")}
-    momentum = {k[2:]: arrays[k] for k in arrays.files if k.startswith("m:")}
-    return state, weights, momentum
-
-
-def load_graph(out: str | Path) -> QGraph:
-    with open(Path(out) / "checkpoint" / "graph.pkl", "rb") as f:
-        return pickle.load(f)

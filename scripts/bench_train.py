@@ -62,7 +62,8 @@ def zo_step_seconds(graph, x, y, selection: str, backend: str, repeats: int) -> 
     from fwdgrad.channels import input_channels
     from fwdgrad.config import TrainConfig
     from fwdgrad.perturb import selection_masks
-    from fwdgrad.trainer import Trainer, TrainData
+    from fwdgrad.data.split import TrainData
+    from fwdgrad.trainer import Trainer
 
     cfg = TrainConfig(bits="w8a8", selection=selection, m=4, space="real", eps=0.01, lr=0.001, backend=backend,
                       batch_size=len(x), epochs=1)

@@ -69,7 +69,7 @@ def private_cache(tmp_path, monkeypatch):
 def digits_split(residual_net, train: int, test_end: int):
     """The first ``train`` digits to train on, digits 1500 to ``test_end`` to test on (after the residual
     net's own training images)."""
-    from fwdgrad.trainer import TrainData
+    from fwdgrad.data.split import TrainData
 
     _, x, y, _ = residual_net
     return TrainData(x[:train], y[:train], x[1500:test_end], y[1500:test_end])

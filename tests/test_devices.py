@@ -8,7 +8,8 @@ from devices.planner import Tensor, budget_shape, engine_activation_peak, greedy
 from devices.profiles import load_profile, profile_names
 from fwdgrad.cli import main
 from fwdgrad.config import TrainConfig
-from fwdgrad.trainer import Trainer, TrainData
+from fwdgrad.data.split import TrainData
+from fwdgrad.trainer import Trainer
 from quant.convert import convert
 
 TINY_MCU = """name = "tiny"

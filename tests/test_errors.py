@@ -16,7 +16,9 @@ import fwdgrad.task
 import fwdgrad.trainer
 from fwdgrad.cli import main
 from fwdgrad.config import TrainConfig
-from fwdgrad.trainer import Trainer, TrainData, load_checkpoint
+from fwdgrad.data.split import TrainData
+from fwdgrad.rundir import load_checkpoint
+from fwdgrad.trainer import Trainer
 from quant.convert import UnsupportedOpError, convert
 
 # a short forward-gradient run of `fwdgrad train` (the backbone is patched to a tiny SmallCNN below)

@@ -50,7 +50,7 @@ def residual_job(task_file: str, settings: dict, out: str) -> dict:
     """Train a run on the conftest residual net instead of the model zoo (in whatever process runs it)."""
     import fwdgrad.task
     from fwdgrad.compare import _run_safely
-    from fwdgrad.trainer import TrainData
+    from fwdgrad.data.split import TrainData
     from quant.convert import convert
 
     arrays = np.load(task_file)

@@ -11,7 +11,8 @@ from hypothesis import given, settings, strategies as st
 from fwdgrad.cli import main
 from fwdgrad.config import TrainConfig
 from fwdgrad.deploy import session_options
-from fwdgrad.trainer import Trainer, TrainData
+from fwdgrad.data.split import TrainData
+from fwdgrad.trainer import Trainer
 from quant.convert import BIT_CONFIGS, convert
 from quant.export import ExportError, export, export_segment, qdq_nodes_against_engine
 from quant.graph import QGraph
@@ -24,7 +25,8 @@ from test_kernels import conv_cases, ints, pool_cases
 QOP_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "Cast", "Sub", "Mul", "Add", "Div", "Clip",
            "MaxPool", "Reshape", "Concat", "Unsqueeze", "Squeeze", "Identity"}
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "Add", "Clip", "MaxPool", "AveragePool",
-           "GlobalAveragePool", "Reshape", "Concat", "Identity"}
+           "GlobalAveragePool", "Reshape", "Concat", "Identity",
+           "Cast", "Mul"}  # int64 biases (16-bit operands): Cast/Mul on constants, which runtimes fold
 
 
 # onnxruntime's int8 x int8 kernels compute the engine's arithmetic only with int8 dot-product instructions

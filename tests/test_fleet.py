@@ -12,7 +12,7 @@ from fwdgrad.exchange import average_values, replay, set_values, trained_values
 from fwdgrad.fleet import Device, FleetConfig, load_fleet, run_fleet
 from fwdgrad.partition import client_indices
 from fwdgrad.perturb import perturbation_units, selection_masks
-from fwdgrad.trainer import weights_digest
+from fwdgrad.rundir import weights_digest
 from quant.convert import convert
 
 SMALL = dict(dataset="digits", bits="w16a8", selection="s-full-random", budget="2KB", batch_size=25, m=2,

@@ -6,7 +6,9 @@ import pytest
 
 from conftest import digits_task
 from fwdgrad.config import TrainConfig, parse_bytes
-from fwdgrad.trainer import Trainer, TrainData, load_graph
+from fwdgrad.data.split import TrainData
+from fwdgrad.rundir import load_graph
+from fwdgrad.trainer import Trainer
 
 SMALL = dict(model="residual-net", dataset="digits", bits="w16a8", selection="trady", budget="600B", epochs=2,
              batch_size=100, m=2, eps=1.0, lr=1.0, rgn_samples=128)

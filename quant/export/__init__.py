@@ -11,7 +11,8 @@
 activations with 8- or 16-bit weights; ``qdq`` (see :mod:`.qdq`) suits converters and any bit width and
 agrees up to float rounding, which vanishes for w8a8 graphs whose scales are all powers of two
 (``convert(..., scales="pow2")``): then the runtime's float arithmetic between the quantizers is exact.
-The metadata's ``scales`` says which kind the file has. Only ``ai.onnx`` operators (opset 13, ir_version 8; qdq with 16-bit tensors:
+The metadata's ``scales`` says which kind the file has, and its ``fwdgrad_*`` entries describe the engine's
+graph itself (:mod:`.embedded`), so the file alone rebuilds the model that was exported. Only ``ai.onnx`` operators (opset 13, ir_version 8; qdq with 16-bit tensors:
 opset 21, ir_version 10), so no contrib ops and onnxruntime 1.31+ loads them.
 
 ``export_segment`` builds the integer-in, integer-out model of a run of nodes: in ``qop`` with every weight
@@ -31,6 +32,7 @@ from ..tensor import scales_kind
 
 from . import qdq, qop
 from .builder import ONNX_TYPES, Builder, ExportError
+from .embedded import embedding
 from .operands import Weights
 
 FORMATS = ("qop", "qdq")
@@ -131,6 +133,7 @@ def export(graph: QGraph, sample_shape: tuple, fmt: str = "qop", weights: dict |
     every = [graph.input_params] + [n.out_params for n in graph.nodes] + [n.w_params for n in graph.weighted_nodes()]
     props = {"bits": graph.bits, "rounding": graph.rounding, "scales": scales_kind(*every), "format": fmt, "input": "input",
              "outputs": "logits,logits_int" if fmt == "qop" else "logits"}
+    props |= embedding(graph, weights or {}, b.sources, model)
     helper.set_model_props(model, {k: str(v) for k, v in (props | (metadata or {})).items()})
     return model
 

@@ -26,6 +26,7 @@ class Builder:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
+        self.sources: dict[str, dict] = {}  # weight/bias key -> the initializers that hold it (embedded.py)
         self._count = 0
 
     def _name(self, hint: str) -> str:
@@ -36,6 +37,11 @@ class Builder:
         name = self._name(f"{hint}_const")
         self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
+
+    def record(self, key: str, names: list[str], recipe: str = "direct") -> None:
+        """Note which initializers hold the integers of ``key`` (``direct``: the array itself, reshaped;
+        ``hi_lo``: 16-bit weights as ``256 * hi + lo``), so the graph can be rebuilt from the file."""
+        self.sources[key] = {"initializers": list(names), "recipe": recipe}
 
     def input(self, name: str, dtype, shape) -> str:
         self.inputs.append(helper.make_tensor_value_info(name, ONNX_TYPES[np.dtype(dtype)], list(shape)))

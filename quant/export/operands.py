@@ -29,8 +29,9 @@ class Weights:
             return (b.input(node.weight_key, node.weight.dtype, node.weight.shape),
                     b.input(node.bias_key, node.bias.dtype, node.bias.shape))
         weight, bias = node.weights_from(self.replacements)
-        return (np.asarray(weight, node.weight.dtype),
-                b.const(np.asarray(bias, node.bias.dtype), node.bias.dtype, f"{node.name}_bias"))
+        bias = b.const(np.asarray(bias, node.bias.dtype), node.bias.dtype, f"{node.name}_bias")
+        b.record(node.bias_key, [bias])
+        return np.asarray(weight, node.weight.dtype), bias
 
 
 def conv_weight(b: Builder, node: WeightedNode, weight: str | np.ndarray) -> list[str]:
@@ -42,8 +43,11 @@ def conv_weight(b: Builder, node: WeightedNode, weight: str | np.ndarray) -> lis
     if isinstance(weight, np.ndarray):
         w = weight.reshape(weight.shape + (1, 1)) if isinstance(node, QLinear) else weight
         if node.w_params.bits == 8:
-            return [b.const(w, np.int8, f"{hint}_weight")]
-        return [b.const(w >> 8, np.int8, f"{hint}_weight_hi"), b.const(w & 0xFF, np.uint8, f"{hint}_weight_lo")]
+            names = [b.const(w, np.int8, f"{hint}_weight")]
+        else:
+            names = [b.const(w >> 8, np.int8, f"{hint}_weight_hi"), b.const(w & 0xFF, np.uint8, f"{hint}_weight_lo")]
+        b.record(node.weight_key, names, "direct" if len(names) == 1 else "hi_lo")
+        return names
     if isinstance(node, QLinear):
         weight = b.op("Unsqueeze", [weight, b.const([2, 3], np.int64, f"{hint}_axes")], hint)
     if node.w_params.bits == 8:

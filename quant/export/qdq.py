@@ -3,7 +3,7 @@
 Every engine tensor becomes ``QuantizeLinear -> DequantizeLinear`` with its scale and zero point (int16
 ones need opset 21); weights are integer initializers behind DequantizeLinear (per output channel),
 int32 biases sit behind DequantizeLinear at ``s_x * s_w``, and the int64 biases of 16-bit layers are
-float constants (DequantizeLinear takes no int64). Fused ReLU/ReLU6 clamps become a float Clip before the
+int64 constants turned into float by Cast/Mul (DequantizeLinear takes no int64). Fused ReLU/ReLU6 clamps become a float Clip before the
 QuantizeLinear, the pattern QNN and TFLite converters fuse into the layer. The runtime computes in float
 between the pairs, so results agree with the engine's integers up to float rounding, not bit for bit
 (use ``qop`` for that) -- unless every scale is a power of two and operands are 8-bit: then each product
@@ -38,18 +38,26 @@ def requantize(b: Builder, y: str, params: QParams, clamp: tuple[int, int] | Non
 
 
 def _bias(b: Builder, node, bias: np.ndarray) -> str:
+    """The real-valued bias: DequantizeLinear of the int32 integers, or (int64, which DequantizeLinear does
+    not take) ``float32(float64(b) * float64(scale))`` spelled in Cast/Mul, so that the file still holds
+    the integers themselves."""
     scale = np.float32(node.in_params.scale) * node.w_params.scale
+    integers = b.const(bias, node.bias.dtype, f"{node.name}_bias")
+    b.record(node.bias_key, [integers])
     if node.bias.dtype == np.int32:
-        return b.op("DequantizeLinear", [b.const(bias, np.int32, f"{node.name}_bias"),
-                                         b.const(scale, np.float32, f"{node.name}_bias_scale"),
+        return b.op("DequantizeLinear", [integers, b.const(scale, np.float32, f"{node.name}_bias_scale"),
                                          b.const(np.zeros(scale.shape, np.int32), np.int32, f"{node.name}_bias_zero")],
                     node.name, axis=0)
-    return b.const(bias.astype(np.float64) * scale.astype(np.float64), np.float32, f"{node.name}_bias")
+    real = b.op("Mul", [b.cast(integers, np.float64, node.name),
+                        b.const(scale.astype(np.float64), np.float64, f"{node.name}_bias_scale")], node.name)
+    return b.cast(real, np.float32, node.name)
 
 
 def weighted(b: Builder, node, xs: list[str], weights: Weights) -> str:
     weight, bias = node.weights_from(weights.replacements)
-    w = b.dequantize(b.const(weight, node.weight.dtype, f"{node.name}_weight"), node.w_params, f"{node.name}_w")
+    integers = b.const(weight, node.weight.dtype, f"{node.name}_weight")
+    b.record(node.weight_key, [integers])
+    w = b.dequantize(integers, node.w_params, f"{node.name}_w")
     if isinstance(node, QLinear):
         return b.op("Gemm", [xs[0], w, _bias(b, node, bias)], node.name, transB=1)
     return b.op("Conv", [xs[0], w, _bias(b, node, bias)], node.name,
