@@ -203,10 +203,15 @@ def selection_shape(graph: QGraph, selection: dict, *, m: int, batch: int, momen
 
 def budget_shape(graph: QGraph, sample_shape: tuple, budget_bytes: int, *, method: str, m: int, batch: int,
                  momentum: bool, bits: int) -> TrainingShape:
-    """The worst case of any selection within a budget, before the run picks one: the full budget
-    trainable, starting where it costs most: for ZO at the weighted layer with the largest input (the
+    """The worst case of any selection within a budget, before the run picks one: the full budget (or the
+    whole model, when it holds less) trainable, starting where it costs most: for ZO at the weighted layer with the largest input (the
     biggest prefix cache), for backprop at the first weighted layer (the most stored activations)."""
+    from fwdgrad.channels import bias_bytes, channel_bytes, input_channels
+
     weighted = [i for i, n in enumerate(graph.nodes) if isinstance(n, WeightedNode)]
+    # a budget above everything the model holds trains all of it, no more
+    budget_bytes = min(budget_bytes, sum(channel_bytes(graph.nodes[i]) * input_channels(graph.nodes[i])
+                                         + bias_bytes(graph.nodes[i]) for i in weighted))
     if method == "zo":
         sizes = {t.name: t.size for t in tensor_lifetimes(graph, sample_shape)}
         first = max(weighted, key=lambda i: sizes[graph.nodes[i].inputs[0]])

@@ -30,11 +30,20 @@ class BackpropTrainer(Trainer):
     def __init__(self, graph, data, config, out):
         super().__init__(graph, data, config, out)
         self.twin = FloatTwin(graph, fake_quant=config.method == "bp-fq")
+
     def initial_weights(self) -> dict:
         return float_weights(self.graph)
 
     def integer_weights(self, weights: dict) -> dict:
         return rounded_weights(self.graph, weights)
+
+    def deployed_top1(self, weights: dict, top1: float) -> float:
+        """The float weights rounded onto the graph's grids and run by the integer engine: what the device
+        would deploy, and what forward-gradient rows are compared with (bp-fq already evaluates that)."""
+        if self.twin.fake_quant:
+            return top1
+        return evaluate(self.graph, self.integer_weights(weights), self.data.x_test, self.data.y_test,
+                        self.config.backend)[1]
 
     def logits(self, weights: dict, x: np.ndarray, grad_keys=()):
         import torch

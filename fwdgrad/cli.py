@@ -31,8 +31,8 @@ def _cmd_ptq_demo(args) -> int:
     evaluation = real_photos(args.images, args.resolution, seed=0, photos=args.photos)
     print(f"calibrating on {len(calibration)} crops of the bundled photos and evaluating on {len(evaluation)} "
           f"crops of the {args.photos} photos")
-    results = ptq_report(path, calibration, evaluation, args.bits, backend=args.backend, scales=args.scales,
-                         equalize_channels=args.equalize)
+    results, _ = ptq_report(path, calibration, evaluation, args.bits, backend=args.backend, scales=args.scales,
+                            equalize_channels=args.equalize)
     print(format_table(results))
     if args.out:
         Path(args.out).write_text(json.dumps([r.as_dict() for r in results], indent=2))
@@ -40,67 +40,33 @@ def _cmd_ptq_demo(args) -> int:
 
 
 def _cmd_quantize(args) -> int:
-    """Quantize a float ONNX model with calibration data (.npy), report it against float, and optionally
-    write it as a qop/qdq ONNX file."""
-    import numpy as np
+    """Quantize a float ONNX model with calibration data and report each bit width against float (top-1 on
+    the labels with --data, agreement, logit SNR); optionally write it as a qop/qdq ONNX file."""
+    from fwdgrad.ptq import quantize_file
 
-    from fwdgrad.ptq import format_table, ptq_report
-
-    if args.out and len(args.bits) != 1:
-        raise ValueError(f"--out writes one model: give one --bits, not {' '.join(args.bits)}")
-    data = np.load(args.calibration)
-    evaluation = np.load(args.evaluate) if args.evaluate else data
-    options = {"calibration": args.method} if args.method else {}
-    results = ptq_report(args.model, data, evaluation, args.bits, backend=args.backend, rounding=args.rounding,
-                         scales=args.scales, equalize_channels=args.equalize, **options)
-    print(format_table(results))
-    if args.out:
-        from fwdgrad.deploy import write_onnx
-        from quant.export import export
-
-        model = export(results[0].graph, data.shape[1:], args.format,
-                       metadata={"source_model": Path(args.model).name, "calibration_samples": len(data)})
-        print(f"wrote {write_onnx(model, args.out)}")
+    data = args.data or (args.calibration if str(args.calibration).endswith(".npz") else None)
+    report = quantize_file(args.model, data=data, calibration=None if data else args.calibration,
+                           evaluate=args.evaluate, bits=args.bits, out=args.out, fmt=args.format,
+                           rounding=args.rounding, scales=args.scales, equalize=args.equalize, head=args.head,
+                           image_scaling=args.image_scaling, calibration_samples=args.calibration_samples,
+                           method=args.method, backend=args.backend)
+    for note in report["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    print(report["table"])
+    if report["written"]:
+        print(f"wrote {report['written']}")
     return 0
-
-
-def _train_overrides(args) -> dict:
-    from dataclasses import fields
-
-    from fwdgrad.config import TrainConfig
-
-    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
 
 
 def _cmd_train(args) -> int:
     """Fine-tune a quantized model with forward gradients (TraDy channels by default)."""
-    import json
+    from fwdgrad.api import train
+    from fwdgrad.cli_flags import train_overrides
 
-    from fwdgrad.config import TrainConfig
-    from fwdgrad.task import prepare_data, prepare_graph
-    from fwdgrad.backprop import trainer_for
-    from fwdgrad.rundir import load_graph
-
-    overrides = _train_overrides(args)
-    if args.resume:
-        out = Path(args.resume)
-        if not (out / "checkpoint" / "state.json").exists():
-            raise FileNotFoundError(f"nothing to resume in {out}: no checkpoint/state.json (start it with --out)")
-        given = (TrainConfig.read_toml(args.config) if args.config else {}) | overrides  # checked against the run's
-        cfg = TrainConfig.from_dict(json.loads((out / "config.json").read_text()) | given)
-        graph = load_graph(out)
-    else:
-        if not args.out:
-            raise ValueError("say where to write the run: --out DIR (or --resume DIR to continue one)")
-        out = Path(args.out)
-        if (out / "checkpoint" / "state.json").exists():
-            raise ValueError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
-        cfg = TrainConfig.from_toml(args.config, overrides) if args.config else TrainConfig.from_dict(overrides)
-        graph = None
-    data = prepare_data(cfg)
-    graph = graph or prepare_graph(cfg, data, out)
-    summary = trainer_for(cfg)(graph, data, cfg, out).run(resume=bool(args.resume))
-    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
+    if not args.out and not args.resume:
+        raise ValueError("say where to write the run: --out DIR (or --resume DIR to continue one)")
+    run = train(out=args.resume or args.out, resume=bool(args.resume), config=args.config, **train_overrides(args))
+    print(json.dumps({k: v for k, v in run.summary.items() if k != "config"}, indent=2))
     return 0
 
 
@@ -155,14 +121,10 @@ def _cmd_plan(args) -> int:
     from devices.planner import budget_shape, plan
     from devices.profiles import all_profiles, load_profile
     from fwdgrad.config import parse_bytes
-    from fwdgrad.data.photos import real_photos
-    from fwdgrad.models.zoo import model_onnx
-    from quant.convert import convert, parse_bits
+    from quant.convert import parse_bits
 
-    path = model_onnx(args.model, width=args.width, resolution=args.resolution)
-    graph = convert(path, real_photos(8, args.resolution, seed=1), bits=args.bits)
-    sample = (3, args.resolution, args.resolution)
-    wbits, _ = parse_bits(args.bits)
+    graph, sample, what = _plan_graph(args)
+    wbits, _ = parse_bits(graph.bits)
     shape = budget_shape(graph, sample, parse_bytes(args.budget), method="zo", m=args.m, batch=args.batch,
                          momentum=False, bits=wbits)
     shape.cache_prefix = not args.no_prefix_cache
@@ -171,8 +133,9 @@ def _cmd_plan(args) -> int:
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
         return 0
-    print(f"{args.model} width {args.width} at {args.resolution}px, {args.bits}, budget {args.budget}, m={args.m}, "
-          f"batch {args.batch}; weights {rows[0].flash_weights / 1024:.0f} KB in flash")
+    capped = "" if shape.trainable_bytes == parse_bytes(args.budget) else " (all the model holds)"
+    print(f"{what}, {graph.bits}, input {sample}, budget {args.budget}: {shape.trainable_bytes} trainable bytes"
+          f"{capped}, m={args.m}, batch {args.batch}; weights {rows[0].flash_weights / 1024:.0f} KB in flash")
     print(f"{'device':10s} {'inference':>10s} {'ZO train':>10s} {'backprop':>10s}  {'ZO/inf':>6s} {'BP/inf':>6s}  "
           f"{'ZO step':>9s} {'BP step':>9s}  fits (inf/ZO/BP)")
     for r in rows:
@@ -184,6 +147,54 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+def _plan_graph(args):
+    """(the quantized graph to plan, one input's shape, what it is): a zoo model at a width and resolution,
+    or the user's file (a float model quantized on --data, or on synthetic inputs when none is given, or an
+    integer file as it is)."""
+    import numpy as np
+
+    from fwdgrad.usermodel import is_model_path, open_model
+    from quant.convert import convert
+
+    from quant.convert import parse_bits
+
+    bits = args.bits or "w8a8"
+    parse_bits(bits)  # before any work (a zoo model may first need pretraining)
+    if is_model_path(args.model):
+        model = open_model(args.model)
+        if model.integer:
+            if args.bits and args.bits != model.bits:
+                raise ValueError(f"--bits {args.bits}: {args.model} holds {model.bits} integers (drop --bits)")
+            return model.graph, model.sample_shape, f"{Path(args.model).name} (integer file)"
+        if None in model.sample_shape:
+            raise ValueError(f"{args.model} declares a free input size {model.sample_shape}: export it with a fixed "
+                             f"input size to plan its memory")
+        if args.data:
+            from fwdgrad.data.files import load_data_file
+
+            calibration = load_data_file(args.data, model.sample_shape).calibration[:256]
+            source = f"calibrated on {len(calibration)} samples of {args.data}"
+        else:
+            calibration = np.random.default_rng(0).standard_normal((8,) + model.sample_shape).astype(np.float32)
+            source = "calibrated on 8 synthetic N(0, 1) inputs (no --data: memory and cost do not depend on them)"
+        print(f"note: {source}", file=sys.stderr)
+        return convert(model.proto, calibration, bits=bits), model.sample_shape, Path(args.model).name
+    from fwdgrad.models.zoo import model_input_shape, model_onnx
+
+    resolution = args.resolution or (96 if args.model == "mobilenetv2" else None)
+    sample = model_input_shape(args.model, resolution)[1:]
+    path = model_onnx(args.model, width=args.width, resolution=sample[1])
+    if args.model == "mobilenetv2":
+        from fwdgrad.data.photos import real_photos
+
+        calibration = real_photos(8, sample[1], seed=1)
+    else:
+        calibration = np.random.default_rng(0).uniform(-1, 1, (8,) + sample).astype(np.float32)
+        print("note: calibrated on 8 synthetic inputs uniform in [-1, 1], the model's input range (memory and "
+              "cost do not depend on them)", file=sys.stderr)
+    return convert(path, calibration, bits=bits), sample, f"{args.model} width {args.width:g} at {sample[1]}px"
+
+
 def _cmd_export(args) -> int:
     """Export a training run's trained integer model to ONNX (qop: integer operators; qdq: Q/DQ + float ops)."""
     from fwdgrad.deploy import export_run
@@ -193,22 +204,27 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_verify_onnx(args) -> int:
-    """Run an exported model in onnxruntime and the engine on the same test images; compare them."""
-    from fwdgrad.deploy import verify_onnx
+    """Check an ONNX file fwdgrad wrote: its graph and integers, and onnxruntime against the engine on test
+    data (exit 1 on a mismatch)."""
+    from fwdgrad.verify import verify_onnx
 
     report = verify_onnx(args.model, args.run_dir, args.data, args.samples, args.optimization)
-    print(f"{report['model']} ({report['format']}, {report['bits']}, {report['scales']} scales) on {report['samples']} {report['data']} test "
-          f"images, onnxruntime optimization {report['optimization']}:\n"
+    against = f"the run {report['run']}" if report["run"] else "the engine rebuilt from the file"
+    print(f"{report['model']} ({report['format']}, {report['bits']}, {report['scales']} scales) against {against}, "
+          f"on {report['samples']} {report['data']} test samples, onnxruntime optimization {report['optimization']}:\n"
           f"  top-1 onnxruntime {report['onnxruntime_top1']:.4f}   engine {report['engine_top1']:.4f}   "
           f"agreement {report['top1_agreement']:.4f}\n"
           f"  max integer difference of the logits {report['max_integer_difference']} "
-          f"({report['differing_logits']:.2%} of logits differ)")
+          f"({report['differing_logits']:.2%} of logits differ; outputs {', '.join(report['outputs'])})\n"
+          f"  integrity: {report['integrity']}")
     for kind in ("warning", "hint"):
         if kind in report:
             print(f"  note: {report[kind]}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
-    return 0
+    for problem in report["mismatch"]:
+        print(f"fwdgrad: mismatch: {args.model}: {problem}", file=sys.stderr)
+    return 1 if report["mismatch"] else 0
 
 
 def _cmd_models(args) -> int:
@@ -228,6 +244,7 @@ EQUALIZE_HELP = ("per-channel activation equalization before quantizing: all (de
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fwdgrad.cli_flags import add_config_flags
     from fwdgrad.deploy import OPTIMIZATION_LEVELS
     from quant.calibration import CALIBRATION_METHODS
     from quant.equalize import EQUALIZE_MODES
@@ -261,14 +278,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     quantize = sub.add_parser("quantize", help=_cmd_quantize.__doc__)
     quantize.add_argument("model", help="float ONNX model (one input, logits output)")
-    quantize.add_argument("--calibration", required=True, help=".npy array of calibration inputs (N, ...)")
+    quantize.add_argument("--data", help="your data: .npz (x_train, y_train, x_test, y_test[, x_calibration]) or a "
+                                         "folder of class folders of images; calibrates on x_calibration (else "
+                                         "x_train), reports top-1 on the test split")
+    quantize.add_argument("--calibration", help=".npy array of calibration inputs (N, ...), instead of --data")
     quantize.add_argument("--evaluate", help=".npy array of evaluation inputs (default: the calibration data)")
+    quantize.add_argument("--calibration-samples", type=int, default=256,
+                          help="calibration samples (the same default as fwdgrad train)")
+    quantize.add_argument("--head", default="auto", choices=["auto", "keep", "probe", "random"],
+                          help="with --data: keep the head (auto, when the outputs cover the labels) or fit a new one")
+    quantize.add_argument("--image-scaling", default="unit", choices=["unit", "symmetric", "imagenet"],
+                          help="pixels -> inputs for an image folder: [0, 1], [-1, 1] or ImageNet-normalised")
     quantize.add_argument("--bits", nargs="+", default=["w8a8"])
     quantize.add_argument("--rounding", default="half_even", choices=["half_even", "half_away"])
     quantize.add_argument("--scales", default="float", choices=SCALE_KINDS,
                           help="pow2: every scale a power of two (shift-only requantization; qdq exports exactly)")
     quantize.add_argument("--method", choices=CALIBRATION_METHODS, help="calibration (default: quant.convert's)")
-    quantize.add_argument("--equalize", default="all", choices=EQUALIZE_MODES, help=EQUALIZE_HELP)
+    quantize.add_argument("--equalize", default="depthwise", choices=EQUALIZE_MODES,
+                          help=EQUALIZE_HELP + " (default depthwise, as fwdgrad train: the file --out writes is "
+                                               "the model training starts from)")
     quantize.add_argument("--backend", default="numba", choices=["numba", "numpy"])
     quantize.add_argument("--out", help="also write the quantized model here as ONNX (one --bits)")
     quantize.add_argument("--format", default="qop", choices=["qop", "qdq"], help="ONNX form for --out")
@@ -278,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="TOML file with the settings (a [train] table or top-level keys)")
     train.add_argument("--out", help="run directory: config.json, metrics.jsonl, summary.json, checkpoint/")
     train.add_argument("--resume", help="continue the run in this directory from its last checkpoint")
-    _add_config_flags(train)
+    add_config_flags(train)
     train.set_defaults(run=_cmd_train)
 
     compare = sub.add_parser("compare", help=_cmd_compare.__doc__)
@@ -302,10 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     devices.set_defaults(run=_cmd_devices)
 
     plan = sub.add_parser("plan", help=_cmd_plan.__doc__)
-    plan.add_argument("--model", default="mobilenetv2")
-    plan.add_argument("--width", type=float, default=1.0)
-    plan.add_argument("--resolution", type=int, default=96)
-    plan.add_argument("--bits", default="w8a8")
+    plan.add_argument("--model", default="mobilenetv2", help="a zoo model or your .onnx file (float or fwdgrad's)")
+    plan.add_argument("--data", help="calibration data for a float model file (.npz or image folder; default: "
+                                     "synthetic inputs)")
+    plan.add_argument("--width", type=float, default=1.0, help="zoo models: width multiplier")
+    plan.add_argument("--resolution", type=int, help="zoo models: input size (default 96 for mobilenetv2, else "
+                                                     "the model's own)")
+    plan.add_argument("--bits", help="default w8a8 (an integer file: its own)")
     plan.add_argument("--budget", default="64KB", help="trainable bytes (the worst selection within it is planned)")
     plan.add_argument("--m", type=int, default=4)
     plan.add_argument("--batch", type=int, default=1, help="samples whose prefix activations are cached")
@@ -321,9 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(run=_cmd_export)
 
     verify = sub.add_parser("verify-onnx", help=_cmd_verify_onnx.__doc__)
-    verify.add_argument("model", help="an exported .onnx file")
-    verify.add_argument("--run", dest="run_dir", required=True, help="the training run it came from (its engine)")
-    verify.add_argument("--data", help="data set whose test split to compare on (default: the run's)")
+    verify.add_argument("model", help="an .onnx file fwdgrad wrote (export, quantize --out)")
+    verify.add_argument("--run", dest="run_dir", help="compare against this training run's last checkpoint "
+                                                      "(default: the engine rebuilt from the file itself)")
+    verify.add_argument("--data", help="test data: your .npz or image folder, or a registered set (default: the "
+                                       "run's)")
     verify.add_argument("--samples", type=int, default=1000, help="test images to compare on")
     verify.add_argument("--optimization", default="basic", choices=OPTIMIZATION_LEVELS,
                         help="onnxruntime session: basic (the file's ONNX semantics), all (its default, with "
@@ -340,26 +373,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_scale_commands(sub)  # fwdgrad tune, fwdgrad fleet
     return parser
-
-
-def _add_config_flags(parser) -> None:
-    """One flag per TrainConfig field (--budget 64KB, --m 4, ...); unset flags keep the config's value."""
-    from dataclasses import fields
-
-    from fwdgrad.config import TrainConfig
-
-    for f in fields(TrainConfig):
-        kind = _parse_bool if isinstance(f.default, bool) else type(f.default)
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
-                            help=f"default: {f.default}")
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """The scale-out commands: `fwdgrad tune` (Optuna search over lr / eps / m) and `fwdgrad fleet` (devices that
 train one model on their own data, exchanging seeds or weights). Kept apart from ``cli.py`` so the main
-command table stays short; ``build_parser`` registers them with ``add_scale_commands``."""
+command table stays short; ``build_parser`` registers them with ``add_scale_commands`` (the dependency goes
+one way: cli -> cli_scale -> cli_flags)."""
 from __future__ import annotations
 
 import json
@@ -26,19 +27,19 @@ def _cmd_tune(args) -> int:
 
 def _cmd_fleet(args) -> int:
     """Simulate N devices fine-tuning on their own data (Flower), exchanging seeds or weights."""
-    from fwdgrad.cli import _train_overrides
+    from fwdgrad.cli_flags import train_overrides
     from fwdgrad.fleet import load_fleet, run_fleet
 
     names = ("clients", "rounds", "local_steps", "split", "protocols", "cpus")
     fleet_overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    cfg, fleet = load_fleet(args.config, _train_overrides(args), fleet_overrides)
+    cfg, fleet = load_fleet(args.config, train_overrides(args), fleet_overrides)
     result = run_fleet(cfg, fleet, args.out)
     print((Path(args.out) / "report.md").read_text())
     return 0 if all(p["in_sync"] for p in result["protocols"].values()) else 1
 
 
 def add_scale_commands(sub) -> None:
-    from fwdgrad.cli import _add_config_flags
+    from fwdgrad.cli_flags import add_config_flags
 
     tune = sub.add_parser("tune", help=_cmd_tune.__doc__)
     tune.add_argument("--config", required=True, help="study TOML: [base] settings, [search] ranges, optional [tune]")
@@ -61,5 +62,5 @@ def add_scale_commands(sub) -> None:
     fleet.add_argument("--split", choices=["labels", "voices", "iid"], help="how data is dealt (default labels)")
     fleet.add_argument("--protocols", nargs="+", choices=["seeds", "weights"], help="default: both")
     fleet.add_argument("--cpus", type=int, help="Ray CPUs for the simulation (default 2)")
-    _add_config_flags(fleet)
+    add_config_flags(fleet)
     fleet.set_defaults(run=_cmd_fleet)

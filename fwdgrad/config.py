@@ -1,29 +1,48 @@
-"""Training configuration: one dataclass, readable from TOML and overridable from the command line."""
+"""Training configuration: one validated dataclass, readable from TOML and overridable from the command line.
+
+Every setting is type-checked and range-checked by pydantic (strict types: ``epochs = "two"``, ``epochs =
+1.7`` and ``train_bias = "no"`` are refused, not coerced; no NaN or infinity anywhere), so a bad value is one
+clear line naming the setting, the value and what is allowed, before any work starts. Cross-setting checks
+(the device's bit widths, the model file's own bits) follow in ``__post_init__``.
+"""
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Annotated, Literal
 
-from quant.convert import parse_bits
-from quant.fixedpoint import check_rounding
-from quant.equalize import check_equalize
-from quant.tensor import check_scales
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass
 
+from quant.convert import BIT_CONFIGS, parse_bits
+from quant.equalize import EQUALIZE_MODES
+from quant.fixedpoint import ROUNDING_MODES
+from quant.tensor import SCALE_KINDS
+
+from .data.files import IMAGE_SCALINGS, is_data_path
 from .estimators import ESTIMATORS
 from .perturb import DISTRIBUTIONS, SPACES
 from .selection import METHODS
 from .update import SCHEDULES
 
 BACKENDS = ("numpy", "numba", "onnxruntime")
+TRAINING_METHODS = ("zo", "bp", "bp-fq")  # forward gradients; backprop float32; backprop fake-quantized
+HEADS = ("auto", "keep", "probe", "random")
+AUTO = "auto"
+
+
+class ConfigError(ValueError):
+    """Settings that cannot run: one line per bad setting, naming it, its value and what is allowed."""
 
 
 def parse_bytes(text) -> int:
     """'64KB' -> 65536, '1.5MB' -> 1572864, '300' -> 300 (KB = 1024 bytes, as device datasheets use)."""
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool):
         return text
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]?i?B?)\s*", str(text), re.IGNORECASE)
     if not match:
@@ -32,70 +51,100 @@ def parse_bytes(text) -> int:
     return int(float(match.group(1)) * {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}[unit])
 
 
-TRAINING_METHODS = ("zo", "bp", "bp-fq")  # forward gradients; backprop float32; backprop fake-quantized
+Count = Annotated[int, Field(ge=1)]
+NonNegative = Annotated[int, Field(ge=0)]
+Positive = Annotated[float, Field(gt=0)]
 
 
-@dataclass
+@dataclass(config=ConfigDict(strict=True, allow_inf_nan=False, extra="forbid"))
 class TrainConfig:
-    method: str = "zo"
-    model: str = "small-cnn"
-    dataset: str = "digits"
-    resolution: int = 0  # model input size; 0 = the model's default (28 small-cnn, 96 mobilenetv2)
-    bits: str = "w16a8"
-    rounding: str = "half_even"
-    scales: str = "float"  # "pow2": every scale a power of two (shift-only requantization, exact qdq export)
-    equalize: str = "depthwise"  # activation equalization before quantizing (quant.equalize): depthwise, all, none
-    estimator: str = "spsa"
-    selection: str = "trady"
+    method: Literal[TRAINING_METHODS] = "zo"
+    model: str = "small-cnn"  # a zoo name (fwdgrad models) or a path to an ONNX file
+    dataset: str = "digits"  # a registered set (fwdgrad data list), an .npz or a folder of images
+    resolution: NonNegative = 0  # zoo models' input size; 0 = the model's default (28 small-cnn, 96 mobilenetv2)
+    bits: Literal[(AUTO,) + BIT_CONFIGS] = AUTO  # auto: w16a8, or an integer model file's own
+    rounding: Literal[(AUTO,) + ROUNDING_MODES] = AUTO  # auto: half_even, or an integer model file's own
+    scales: Literal[(AUTO,) + SCALE_KINDS] = AUTO  # pow2: every scale a power of two (exact qdq export)
+    equalize: Literal[EQUALIZE_MODES] = "depthwise"  # activation equalization before quantizing (quant.equalize)
+    image_scaling: Literal[tuple(IMAGE_SCALINGS)] = "unit"  # pixels -> inputs for image folders and a file model
+    estimator: Literal[ESTIMATORS] = "spsa"
+    selection: Literal[METHODS] = "trady"
     budget: str = "8KB"
-    resample_every: int = 0  # steps between channel resamplings; 0 = every epoch
-    m: int = 4  # perturbations per step
-    space: str = "steps"  # what eps, lr and rho count in: "steps" (8-bit weight steps) or "real" (weight units)
-    eps: float = 2.0  # perturbation size (see space)
-    lr: float = 0.5  # update per unit of projected gradient (see space)
-    lr_scale: str = "none"  # "dimension": the ZO lr is divided by the number of perturbed weights
-    bp_lr: float = 0.05  # backprop reference: SGD learning rate on the real-valued weights
-    schedule: str = "cosine"
-    warmup_steps: int = 0
-    momentum: float = 0.0
+    resample_every: NonNegative = 0  # steps between channel resamplings; 0 = every epoch
+    m: Count = 4  # perturbations per step
+    space: Literal[SPACES] = "steps"  # what eps, lr and rho count in: 8-bit weight "steps" or "real" units
+    eps: Positive = 2.0  # perturbation size (see space)
+    lr: Positive = 0.5  # update per unit of projected gradient (see space)
+    lr_scale: Literal["none", "dimension"] = "none"  # "dimension": the ZO lr is divided by the perturbed weights
+    bp_lr: Positive = 0.05  # backprop reference: SGD learning rate on the real-valued weights
+    schedule: Literal[SCHEDULES] = "cosine"
+    warmup_steps: NonNegative = 0
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
     train_bias: bool = True  # biases of the selected layers train too (their bytes count in the budget)
-    distribution: str = "gaussian"
-    rho: float = 2.0  # sharpness-aware neighbour distance (see space)
-    epochs: int = 5
-    batch_size: int = 64
-    seed: int = 0
-    backend: str = "numba"
+    distribution: Literal[DISTRIBUTIONS] = "gaussian"
+    rho: Annotated[float, Field(ge=0)] = 2.0  # sharpness-aware neighbour distance (see space)
+    epochs: Count = 5
+    batch_size: Count = 64
+    seed: NonNegative = 0
+    backend: Literal[BACKENDS] = "numba"
     device: str = "host"  # a profile name (fwdgrad devices) or a path.toml: runs that do not fit are refused
-    train_samples: int = 0  # 0 = all
-    test_samples: int = 0
-    calibration_samples: int = 256
-    rgn_samples: int = 256
-    checkpoint_every: int = 0  # steps between checkpoints; 0 = every epoch
-    head: str = "probe"  # how the task's classifier starts: probe (logistic-regression probe), random, keep
-    probe_samples: int = 0  # training images the probe head is fitted on (0 = all)
-    loss: str = "float"  # float: cross-entropy on dequantized logits; integer: Q.16 lookup-table CE (no FPU)
+    train_samples: NonNegative = 0  # 0 = all
+    test_samples: NonNegative = 0
+    calibration_samples: Count = 256
+    rgn_samples: Count = 256
+    checkpoint_every: NonNegative = 0  # steps between checkpoints; 0 = every epoch
+    head: Literal[HEADS] = AUTO  # auto: probe for zoo models, keep for a file whose outputs are the classes
+    probe_samples: NonNegative = 0  # training images the probe head is fitted on (0 = all)
+    loss: Literal["float", "integer"] = "float"  # integer: Q.16 lookup-table cross-entropy (no FPU)
 
     def __post_init__(self):
-        parse_bits(self.bits)
-        check_rounding(self.rounding)
-        check_scales(self.scales)
-        check_equalize(self.equalize)
-        parse_bytes(self.budget)
-        for name, value, allowed in (("method", self.method, TRAINING_METHODS),
-                                     ("estimator", self.estimator, ESTIMATORS), ("selection", self.selection, METHODS),
-                                     ("schedule", self.schedule, SCHEDULES), ("backend", self.backend, BACKENDS),
-                                     ("distribution", self.distribution, DISTRIBUTIONS), ("space", self.space, SPACES),
-                                     ("head", self.head, ("probe", "random", "keep")),
-                                     ("lr_scale", self.lr_scale, ("none", "dimension")),
-                                     ("loss", self.loss, ("float", "integer"))):
-            if value not in allowed:
-                raise ValueError(f"bad {name} {value!r}: use one of {', '.join(allowed)}")
+        if parse_bytes(self.budget) < 1:
+            raise ValueError(f"budget = {self.budget!r}: must hold at least one byte, e.g. 8KB")
+        self._check_model()
+        self._check_dataset()
         self.check_device_widths()
-        for name in ("m", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.eps <= 0 or self.lr <= 0 or self.bp_lr <= 0:
-            raise ValueError(f"eps, lr and bp_lr must be > 0, got eps={self.eps}, lr={self.lr}, bp_lr={self.bp_lr}")
+
+    def _check_model(self) -> None:
+        """Zoo names and their resolutions, or a model file whose integer settings fill in ``auto``."""
+        from .models.zoo import MODELS
+        from .usermodel import integer_file_settings, is_model_path
+
+        defaults = {"bits": "w16a8", "rounding": "half_even", "scales": "float"}
+        if not is_model_path(self.model):
+            if self.model not in MODELS:
+                raise ValueError(f"unknown model {self.model!r}: use one of {', '.join(MODELS)} (`fwdgrad models`) "
+                                 f"or the path of your own .onnx file")
+            allowed = MODELS[self.model].resolutions
+            if self.resolution and self.resolution not in allowed:
+                raise ValueError(f"resolution = {self.resolution}: {self.model} takes {list(allowed)} (0 = its "
+                                 f"default)")
+            file_settings = {}
+        else:
+            if self.resolution:
+                raise ValueError(f"resolution = {self.resolution} does not apply to a model file, whose input size "
+                                 f"is its own: drop it (resize the data instead)")
+            # a stored run's settings are resolved already: its model file need not exist any more
+            needed = any(getattr(self, k) == AUTO for k in defaults) or Path(self.model).is_file()
+            file_settings = integer_file_settings(self.model) if needed else {}
+        for name, default in defaults.items():
+            if file_settings and getattr(self, name) not in (AUTO, file_settings[name]):
+                raise ValueError(f"{name} = {getattr(self, name)!r}, but {self.model} holds integers with {name} "
+                                 f"{file_settings[name]!r}: drop the setting, or quantize the float model at "
+                                 f"{name} {getattr(self, name)!r}")
+            if getattr(self, name) == AUTO:
+                setattr(self, name, file_settings.get(name, default))
+        if file_settings:
+            for name in ("calibration_samples", "equalize"):
+                if getattr(self, name) != _DEFAULTS[name]:
+                    raise ValueError(f"{name} = {getattr(self, name)!r} has no effect: {self.model} is already "
+                                     f"quantized (fwdgrad quantize --out); drop it, or train the float model")
+
+    def _check_dataset(self) -> None:
+        from .data.datasets import DATASETS
+
+        if not is_data_path(self.dataset) and self.dataset not in DATASETS:
+            raise ValueError(f"unknown data set {self.dataset!r}: choose one of {', '.join(DATASETS)} "
+                             f"(`fwdgrad data list`), or give your own .npz or folder of images")
 
     def check_device_widths(self) -> None:
         """Refuse, before any work, bit widths the target device cannot run."""
@@ -109,6 +158,15 @@ class TrainConfig:
                              f"w{profile.weight_bits[0]}a{profile.activation_bits[0]} or another --device")
         if not profile.fpu and self.loss == "float" and self.method == "zo":
             raise ValueError(f"device {profile.name} has no FPU for the float cross-entropy: use --loss integer")
+
+    def source_fingerprints(self) -> dict:
+        """SHA-256 of the model and data files the run is made from (None for zoo models and registered
+        sets): a run resumed or reused on other files than it started on is refused."""
+        from .data.files import fingerprint
+        from .usermodel import is_model_path
+
+        return {"model": fingerprint(self.model) if is_model_path(self.model) else None,
+                "data": fingerprint(self.dataset) if is_data_path(self.dataset) else None}
 
     @property
     def budget_bytes(self) -> int:
@@ -136,11 +194,9 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            import difflib
-
             hints = [f"{close[0]!r} for {k!r}" for k in unknown if (close := difflib.get_close_matches(k, known, 1))]
             hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
-            raise ValueError(f"unknown config keys {unknown}{hint}; known: {sorted(known)}")
+            raise ConfigError(f"unknown config keys {unknown}{hint}; known: {sorted(known)}")
         return cls(**values)
 
     @staticmethod
@@ -150,10 +206,53 @@ class TrainConfig:
             with open(path, "rb") as f:
                 values = tomllib.load(f)
         except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"{path} is not valid TOML ({err}): write settings as key = value, "
-                             f"e.g. budget = \"8KB\"") from err
+            raise ConfigError(f"{path} is not valid TOML ({err}): write settings as key = value, "
+                              f"e.g. budget = \"8KB\"") from err
         return values.get("train", values)
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: dict | None = None) -> "TrainConfig":
         return cls.from_dict(cls.read_toml(path) | (overrides or {}))
+
+
+_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+_RANGES = {"greater_than_equal": ">= {ge}", "greater_than": "> {gt}", "less_than": "< {lt}"}
+
+
+def describe_errors(err: ValidationError) -> str:
+    """One clause per bad setting: the setting, the value given and what it must be."""
+    parts = []
+    for e in err.errors():
+        name = ".".join(str(p) for p in e["loc"])
+        value = e.get("input")
+        if e["type"] == "value_error":  # a cross-setting check in __post_init__: its message says it all
+            parts.append(str(e["ctx"]["error"]))
+        elif e["type"] == "literal_error":
+            allowed = [a.strip("'") for a in e["ctx"]["expected"].replace(" or ", ", ").split(", ")]
+            parts.append(f"bad {name} {value!r}: use one of {', '.join(allowed)}")
+        elif e["type"] == "unexpected_keyword_argument":
+            parts.append(f"unknown setting {name!r}")
+        elif e["type"] in _RANGES:
+            parts.append(f"{name} = {value!r}: must be {_RANGES[e['type']].format(**e['ctx'])}")
+        elif e["type"] == "finite_number":
+            parts.append(f"{name} = {value!r}: must be a finite number")
+        else:
+            expected = {"int_type": "a whole number", "float_type": "a number", "bool_type": "true or false",
+                        "string_type": "a string in quotes"}.get(e["type"], e["msg"].lower())
+            quoted = " (without quotes)" if isinstance(value, str) and e["type"] != "string_type" else ""
+            parts.append(f"{name} = {value!r}: must be {expected}{quoted}")
+    return "; ".join(parts)
+
+
+_validated_init = TrainConfig.__init__
+
+
+def _init(self, *args, **kwargs):
+    """pydantic's validating constructor, with its report turned into fwdgrad's one-line error."""
+    try:
+        _validated_init(self, *args, **kwargs)
+    except ValidationError as err:
+        raise ConfigError(describe_errors(err)) from None
+
+
+TrainConfig.__init__ = _init

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from .compare import RunSpec, planned_memory, run_grid, write_report
-from .deploy import export_run, verify_onnx
+from .deploy import export_run
+from .verify import verify_onnx
 
 DEVICE = "cortex-m4"
 TASK = dict(model="small-cnn", dataset="mnist", bits="w16a8", selection="trady", budget="8KB", device=DEVICE,

@@ -91,7 +91,7 @@ class LocalExecutor:
 
     def run(self, fn: JobFn, jobs: Sequence[Job], desc: str = "runs") -> list[dict]:
         results: list[dict | None] = [None] * len(jobs)
-        with tqdm(total=len(jobs), desc=desc, unit="run") as bar:
+        with tqdm(total=len(jobs), desc=desc, unit="run", disable=None) as bar:
             if self.workers <= 1:
                 for i, job in enumerate(jobs):
                     results[i] = _call(fn, job) | {"attempts": 1}
@@ -206,7 +206,7 @@ class RayExecutor:
         task = ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=False)(_ray_job)
         refs = {task.remote(fn, job, log, i, ship): i for i, job in enumerate(jobs)}
         results: list[dict | None] = [None] * len(jobs)
-        with tqdm(total=len(jobs), desc=f"{desc} (ray)", unit="run") as bar:
+        with tqdm(total=len(jobs), desc=f"{desc} (ray)", unit="run", disable=None) as bar:
             waiting = list(refs)
             while waiting:
                 done, waiting = ray.wait(waiting, num_returns=1)

@@ -276,7 +276,7 @@ def _run_protocol(grid, nodes, plan: Plan, protocol: str) -> dict:
     total_steps = plan.fleet.rounds * plan.local_steps
     zero_loss, zero_top1 = evaluate(graph, weights, data.x_test, data.y_test, cfg.backend)
     rounds, aggregate, started = [], None, time.perf_counter()
-    for round_ in tqdm(range(plan.fleet.rounds + 1), desc=f"fleet {protocol}", unit="round"):
+    for round_ in tqdm(range(plan.fleet.rounds + 1), desc=f"fleet {protocol}", unit="round", disable=None):
         sync_only = round_ == plan.fleet.rounds  # devices fetch the final model; nobody trains
         downlink = payload_bytes(aggregate) * devices if aggregate is not None else 0
         replies, sent, received = _send(grid, nodes, plan, protocol, round_, aggregate, sync_only)

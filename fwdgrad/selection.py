@@ -100,6 +100,19 @@ class ChannelSampler:
                 raise ValueError(f"budget {self.budget_bytes} bytes is below one channel ({smallest} bytes): "
                                  f"raise --budget to at least {smallest}B")
 
+    def layers(self) -> list[str]:
+        """The layers this sampler draws channels from."""
+        if self.method == "last-layer":
+            return [self.graph.weighted_nodes()[-1].name]
+        if self.method in ("trady", "s-topk-random"):
+            return list(self.preselected)
+        return [n.name for n in self.graph.weighted_nodes()]
+
+    def available_bytes(self) -> int:
+        """Trainable bytes of every channel (and bias) of those layers: the most a selection can hold."""
+        nodes = [self.graph.node(name) for name in self.layers()]
+        return sum(channel_bytes(n) * input_channels(n) + (bias_bytes(n) if self.train_bias else 0) for n in nodes)
+
     def _pool(self, layers) -> list[tuple[str, int]]:
         return [(name, c) for name in layers for c in range(input_channels(self.graph.node(name)))]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from .estimators import Estimate, estimate
 from .loss import LOSS_FRACTION_BITS, cross_entropy, integer_cross_entropy, top1
 from .data.split import TrainData
 from .perturb import integer_limits, perturbation_units, selection_masks
-from .rundir import atomic_write_json, load_checkpoint, read_json, save_checkpoint, save_graph, weights_digest
+from .rundir import (atomic_write_bytes, atomic_write_json, load_checkpoint, read_json, save_checkpoint, save_graph,
+                     weights_digest)
 from .selection import ChannelSampler, channel_rgn, channel_rgn_zo, preselect_layers
 from .update import apply_update, learning_rate
 
@@ -47,6 +49,7 @@ class Trainer:
         self.ckpt = self.out / "checkpoint"
         self.limits = integer_limits(graph)
         self._units = (None, {})
+        self.budget_note = None
         self.steps_per_epoch = -(-len(data.x_train) // config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
         check_input_shape(data.x_train.shape, graph.metadata.get("input_shape"), graph.input_name, "x_train")
@@ -96,6 +99,11 @@ class Trainer:
     def integer_weights(self, weights: dict) -> dict:
         """The trained state as the graph's integers (the ZO trainer already trains integers)."""
         return weights
+
+    def deployed_top1(self, weights: dict, top1: float) -> float:
+        """Test top-1 of the integers a device would run, given the trainer's own ``top1`` of ``weights``
+        (the same number here: forward gradients train the integers themselves)."""
+        return top1
 
     # ---- state ----------------------------------------------------------------------------------------
     def initial_weights(self) -> dict:
@@ -150,22 +158,28 @@ class Trainer:
         cfg, graph, data = self.config, self.graph, self.data
         self.check_device()
         self.ckpt.mkdir(parents=True, exist_ok=True)
+        sources = cfg.source_fingerprints()
         if resume:
             state, weights, momentum = self.load()
             if state["config_digest"] != cfg.digest():
                 stored = read_json(self.out / "config.json", "run configuration")
                 raise ValueError(f"{self.out} holds a run of another configuration{cfg.changes_from(stored)}: "
                                  f"resume it with its own settings (config.json), or train into a new --out")
+            check_sources(state.get("sources", {}), sources, self.out)
+            # rows written after the checkpoint (a kill between the two) are replayed, not repeated
+            atomic_write_bytes(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state["history"]).encode())
         else:
             atomic_write_json(self.out / "config.json", cfg.to_dict())
             save_graph(self.ckpt, graph)
             weights, momentum = self.initial_weights(), {}
             zero_loss, zero_top1 = self.evaluate(weights, data.x_test, data.y_test)
             state = {"step": 0, "forward_calls": 0, "epochs_done": 0, "history": [], "config_digest": cfg.digest(),
-                     "zero_shot_top1": zero_top1, "zero_shot_loss": zero_loss, "train_seconds": 0.0}
+                     "zero_shot_top1": zero_top1, "zero_shot_loss": zero_loss, "train_seconds": 0.0,
+                     "integer_zero_shot_top1": self.deployed_top1(weights, zero_top1), "sources": sources}
             (self.out / "metrics.jsonl").write_text("")
             self.save(state, weights, momentum)
         sampler = self.sampler()
+        self.report_budget(sampler)
         if "selection" in state:  # resuming inside a selection period: keep that period's channels
             period = state["period"]
             selection = {k: np.array(v, dtype=np.int64) for k, v in state["selection"].items()}
@@ -174,7 +188,7 @@ class Trainer:
         masks = selection_masks(graph, selection, cfg.train_bias) if selection else None
         epoch_losses = list(state.get("epoch_losses", []))
         started = time.perf_counter() - state["train_seconds"]
-        bar = tqdm(total=self.total_steps, initial=state["step"], desc=self.progress_label, unit="step")
+        bar = tqdm(total=self.total_steps, initial=state["step"], desc=self.progress_label, unit="step", disable=None)
         while state["step"] < self.total_steps:
             step = state["step"]
             if self.period_of(step) != period:
@@ -206,7 +220,8 @@ class Trainer:
                 state["epochs_done"] += 1
                 test_loss, test_top1 = self.evaluate(weights, data.x_test, data.y_test)
                 record = {"epoch": state["epochs_done"], "train_loss": float(np.mean(epoch_losses)),
-                          "test_loss": test_loss, "test_top1": test_top1, "forward_calls": state["forward_calls"],
+                          "test_loss": test_loss, "test_top1": test_top1,
+                          "integer_top1": self.deployed_top1(weights, test_top1), "forward_calls": state["forward_calls"],
                           "selected_channels": selection_count(selection),
                           "step_macs_per_sample": self.step_macs(selection, calls)[0],
                           "full_pass_macs_per_sample": self.step_macs(selection, calls)[1],
@@ -264,15 +279,32 @@ class Trainer:
         """The update size of ``step`` for the current selection (after ``gradient`` drew it)."""
         return step_learning_rate(self.config, step, self.total_steps, self._units[1])
 
+    def report_budget(self, sampler: ChannelSampler) -> None:
+        """Say at the start when the layers a selection may draw from hold less than the budget: the run
+        then trains all of them, and a larger budget would change nothing."""
+        available = sampler.available_bytes()
+        if self.config.selection not in ("all", "last-layer") and available < self.config.budget_bytes:
+            layers = sampler.layers()
+            self.budget_note = (f"the {len(layers)} layer(s) {self.config.selection} draws from ({', '.join(layers)}) "
+                                f"hold {available} trainable bytes, less than the {self.config.budget_bytes}-byte "
+                                f"budget: every epoch trains all of them, and a larger --budget changes nothing")
+            tqdm.write(f"note: {self.budget_note}", file=sys.stderr)
+
     def summarize(self, state: dict, weights: dict) -> dict:
         history = state["history"]
+        zero = state.get("integer_zero_shot_top1", state["zero_shot_top1"])
         summary = {"zero_shot_top1": state["zero_shot_top1"],
                    "final_top1": history[-1]["test_top1"] if history else state["zero_shot_top1"],
                    "best_top1": max([h["test_top1"] for h in history] + [state["zero_shot_top1"]]),
+                   "integer_zero_shot_top1": zero,
+                   "integer_top1": history[-1].get("integer_top1", history[-1]["test_top1"]) if history else zero,
                    "epochs": state["epochs_done"], "forward_calls": state["forward_calls"],
                    "trainable_bytes": max([h["trainable_bytes"] for h in history], default=0),
+                   "budget_bytes": self.config.budget_bytes,
+                   "budget_used_bytes": max([h["trainable_bytes"] for h in history], default=0),
+                   "budget_note": self.budget_note,
                    "train_seconds": state["train_seconds"], "config": self.config.to_dict(),
-                   "weights_sha256": weights_digest(weights)}
+                   "sources": state.get("sources", {}), "weights_sha256": weights_digest(weights)}
         atomic_write_json(self.out / "summary.json", summary)
         return summary
 
@@ -305,3 +337,12 @@ def architecture_digest(graph: QGraph) -> str:
 def integer_loss(logits_int, params, labels) -> float:
     """The integer-only loss, as the float the estimator divides (the device would keep it in Q.16)."""
     return integer_cross_entropy(logits_int, params, labels) / (1 << LOSS_FRACTION_BITS)
+
+
+def check_sources(stored: dict, now: dict, out: Path) -> None:
+    """Refuse to continue a run on a model or data file that changed since it started."""
+    for kind in ("model", "data"):
+        if stored.get(kind) != now.get(kind):
+            raise ValueError(f"the {kind} file of the run in {out} changed since it started (sha256 "
+                             f"{str(stored.get(kind))[:12]}..., now {str(now.get(kind))[:12]}...): restore it, or "
+                             f"train into a new --out")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from .float_runner import float_batches
 from .tensor import activation_params, dequantize, quantize
 
 CALIBRATION_METHODS = ("minmax", "percentile", "mse")
@@ -74,30 +75,19 @@ def calibrate(model: onnx.ModelProto, tensors: list[str], data: np.ndarray, batc
     """Statistics of the float model over ``data`` (already checked against the model's input shape), from
     onnxruntime: of ``tensors``, and the per-channel means of ``mean_tensors`` (what bias correction
     matches). ``sample=False`` skips the value samples (min-max calibration does not need them)."""
-    import onnxruntime as ort
-
     data = np.asarray(data, dtype=np.float32)
     if data.size == 0:
         raise ValueError("calibration needs at least one sample")
     if not np.all(np.isfinite(data)):
         raise ValueError("calibration data contains NaN or inf: clean it before quantizing")
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
     wanted = list(dict.fromkeys(list(tensors) + list(mean_tensors)))
-    for name in wanted:
-        if name not in existing:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
     rng = np.random.default_rng(seed)
     lows, highs = {t: np.inf for t in tensors}, {t: -np.inf for t in tensors}
     values_of: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
     channels_of: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
     sums, counts = {t: 0.0 for t in mean_tensors}, {t: 0 for t in mean_tensors}
     per_batch = max(1, SAMPLE_PER_TENSOR * batch_size // len(data))
-    for start in range(0, len(data), batch_size):
-        values = dict(zip(wanted, session.run(wanted, {input_name: data[start:start + batch_size]})))
+    for values in float_batches(model, wanted, data, batch_size):
         for name in mean_tensors:
             value = values[name]
             sums[name] = sums[name] + value.astype(np.float64).sum(axis=all_but_channels(value))

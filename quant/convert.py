@@ -287,6 +287,12 @@ def lower(model: onnx.ModelProto) -> tuple[list[FloatLayer], str, str]:
     low = _Lowering(model)
     for node in model.graph.node:
         _lower_node(low, node)
+    for layer in low.layers:
+        for what, value in (("weights", layer.weight), ("bias", layer.bias)):
+            if value is not None and not np.all(np.isfinite(value)):
+                raise ModelFormatError(f"layer {layer.name!r} has NaN or inf in its {what} "
+                                       f"({int(np.sum(~np.isfinite(value)))} values): the model itself is damaged "
+                                       f"(check the training that produced it), not the calibration data")
     output = low.resolve(low.output_name)
     if output not in low.producer:
         raise ModelFormatError(f"graph output {low.output_name!r} is not computed by any supported layer")
@@ -306,7 +312,8 @@ def _clamp_bounds(params: QParams, act: tuple[float, float] | None) -> tuple[int
     return lo, hi
 
 
-def _quantize_weighted(layer: FloatLayer, in_params: QParams, out_params: QParams, wbits: int, scales: str):
+def quantize_layer(layer: FloatLayer, in_params: QParams, out_params: QParams, wbits: int, scales: str):
+    """A float conv/linear layer on the integer grids: weights per output channel, bias at s_x * s_w."""
     w_params = weight_params(layer.weight, wbits, axis=0, scales=scales)
     weight = quantize(layer.weight, w_params)
     wide = in_params.bits > 8 or wbits > 8
@@ -377,7 +384,7 @@ def convert(model: str | Path | onnx.ModelProto, calibration_data: np.ndarray, *
         ins = [params[t] for t in layer.inputs]
         out = activation(layer.output) if layer.calibrated else ins[0]
         if layer.kind in ("conv", "linear"):
-            node = _quantize_weighted(layer, ins[0], out, wbits, scales)
+            node = quantize_layer(layer, ins[0], out, wbits, scales)
         elif layer.kind == "add":
             node = QAdd(layer.name, layer.inputs, layer.output, out, a_params=ins[0], b_params=ins[1],
                         clamp=_clamp_bounds(out, layer.act))

@@ -66,7 +66,7 @@ def train(problem, method: str, lr: float, steps: int, seed: int, batch: int = 8
     w, b = w.copy(), b.copy()
     rng = np.random.default_rng(seed)
     step_size = lr / (w.size + b.size) if method == "zo" else lr
-    for t in tqdm(range(steps), desc=f"{method} {steps} steps", unit="step", leave=False, mininterval=1):
+    for t in tqdm(range(steps), desc=f"{method} {steps} steps", unit="step", leave=False, mininterval=1, disable=None):
         pick = rng.integers(0, len(x_train), batch)
         x, y = x_train[pick], y_train[pick]
         rate = step_size * 0.5 * (1 + np.cos(np.pi * t / steps))

@@ -89,7 +89,7 @@ def test_compare_writes_the_report_and_reuses_finished_runs(tmp_path, residual_t
 
 
 def test_failed_runs_are_reported_not_dropped(tmp_path):
-    grid = write(tmp_path, '[base]\ndataset = "no-such-data"\nepochs = 1\n[grid]\nseed = [0, 1]\n')
+    grid = write(tmp_path, '[base]\ndataset = "gone/no-such-data.npz"\nepochs = 1\n[grid]\nseed = [0, 1]\n')
     results = run_grid(load_grid(grid), tmp_path / "out", workers=2)  # two worker processes
     assert len(results) == 2 and all("no-such-data" in r["error"] for r in results)
     report = write_report(results, tmp_path / "out").read_text()

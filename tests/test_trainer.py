@@ -10,7 +10,7 @@ from fwdgrad.data.split import TrainData
 from fwdgrad.rundir import load_graph
 from fwdgrad.trainer import Trainer
 
-SMALL = dict(model="residual-net", dataset="digits", bits="w16a8", selection="trady", budget="600B", epochs=2,
+SMALL = dict(model="small-cnn", dataset="digits", bits="w16a8", selection="trady", budget="600B", epochs=2,
              batch_size=100, m=2, eps=1.0, lr=1.0, rgn_samples=128)
 
 
@@ -110,8 +110,8 @@ def test_estimator_variants_count_their_calls(task, tmp_path, estimator):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(bits="int8"), "bad bits string"), (dict(selection="topk"), "bad selection"), (dict(budget="lots"), "bad size"),
-    (dict(m=0), "m must be >= 1"), (dict(lr=0.0), "must be > 0")])
+    (dict(bits="int8"), "bad bits 'int8': use one of auto, w8a8"), (dict(selection="topk"), "bad selection"),
+    (dict(budget="lots"), "bad size"), (dict(m=0), "m = 0: must be >= 1"), (dict(lr=0.0), "lr = 0.0: must be > 0")])
 def test_bad_settings_are_explained(bad, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**(SMALL | bad))

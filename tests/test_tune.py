@@ -70,7 +70,7 @@ def test_study_runs_writes_best_config_and_continues(tmp_path, residual_task, mo
     ("[search]\nlearning_rate = {low = 0.1, high = 1.0}\n", "not a training setting"),
     ("[search]\nlr = [0.1, 1.0]\n", "needs a range or choices"),
     ("[search]\nlr = {low = 1.0, high = 0.1}\n", "low < high"),
-    ("[search]\nm = {choices = [0, 2]}\n", "m must be >= 1"),
+    ("[search]\nm = {choices = [0, 2]}\n", "m = 0: must be >= 1"),
     ("[tune]\nmetric = 'loss'\n", "bad metric"),
     ("[study]\ntrials = 3\n", "unknown sections")])
 def test_bad_studies_fail_before_training(tmp_path, text, message):

@@ -82,7 +82,7 @@ def train_small_cnn(recipe: Recipe = Recipe()):
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.lr, total_steps=steps)
     labels = torch.from_numpy(train.labels)
     started = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"pretrain small-cnn on {recipe.dataset}", unit="step")
+    bar = tqdm(total=steps, desc=f"pretrain small-cnn on {recipe.dataset}", unit="step", disable=None)
     for epoch in range(recipe.epochs):
         net.train()
         order = torch.from_numpy(np.random.default_rng([recipe.seed, epoch]).permutation(len(train)))

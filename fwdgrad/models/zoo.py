@@ -13,20 +13,19 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from ..filelock import exclusive
-from . import onnx_export
-from .mobilenetv2 import load_imagenet_mobilenetv2
+
+if TYPE_CHECKING:  # torch loads only when a model is built: the catalogue is read without it
+    import torch
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """How to build a model and which inputs it accepts."""
 
-    build: Callable[[float], torch.nn.Module]  # width multiplier -> model
+    build: Callable[[float], "torch.nn.Module"]  # width multiplier -> model
     default_resolution: int
     resolutions: tuple[int, ...]
     channels: int
@@ -34,8 +33,14 @@ class ModelSpec:
     aspect: float = 1.0  # input width / height (log-mel images are not square)
 
 
-def _pretrained(recipe_name: str) -> Callable[[float], torch.nn.Module]:
-    def build(width: float) -> torch.nn.Module:
+def _mobilenetv2(width: float) -> "torch.nn.Module":
+    from .mobilenetv2 import load_imagenet_mobilenetv2
+
+    return load_imagenet_mobilenetv2(width)
+
+
+def _pretrained(recipe_name: str) -> Callable[[float], "torch.nn.Module"]:
+    def build(width: float) -> "torch.nn.Module":
         from . import pretrained
 
         if width != 1.0:
@@ -46,7 +51,7 @@ def _pretrained(recipe_name: str) -> Callable[[float], torch.nn.Module]:
 
 MODELS: dict[str, ModelSpec] = {
     "mobilenetv2": ModelSpec(
-        build=load_imagenet_mobilenetv2,
+        build=_mobilenetv2,
         default_resolution=224,
         resolutions=tuple(range(96, 225, 32)),
         channels=3,
@@ -91,7 +96,9 @@ def default_cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "fwdgrad") / "models"
 
 
-def _digest(model: torch.nn.Module) -> str:
+def _digest(model: "torch.nn.Module") -> str:
+    from . import onnx_export
+
     h = hashlib.sha256()
     for module in (sys.modules[type(model).__module__], onnx_export):
         h.update(Path(module.__file__).read_bytes())
@@ -112,5 +119,7 @@ def model_onnx(name: str, *, width: float = 1.0, resolution: int | None = None, 
     path = directory / f"{name}-w{width:g}-r{shape[-1]}-{_digest(model)}.onnx"
     with exclusive(path):
         if not path.exists():
-            onnx_export.export_onnx(model, shape, path)
+            from .onnx_export import export_onnx
+
+            export_onnx(model, shape, path)
     return path
