@@ -22,14 +22,13 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import tomllib
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .config import TrainConfig
+from .config import TrainConfig, read_settings_file
 from .executors import make_executor
 
 
@@ -49,11 +48,7 @@ class RunSpec:
 
 def load_grid(path: str | Path) -> list[RunSpec]:
     """The runs of a grid file, validated up front (a typo fails before hours of training)."""
-    with open(path, "rb") as f:
-        spec = tomllib.load(f)
-    unknown = sorted(set(spec) - {"base", "grid", "row"})
-    if unknown:
-        raise ValueError(f"{path}: unknown sections {unknown}; use [base], [grid] and [[row]]")
+    spec = read_settings_file(path, ("base", "grid", "row"))
     base, grid, rows = spec.get("base", {}), dict(spec.get("grid", {})), spec.get("row", [{}])
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
@@ -158,22 +153,26 @@ def write_report(results: list[dict], out: Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    lines = ["# Comparison", "", "Top-1 on the test set (%), mean ± std over seeds. Device memory: the planned "
-             "peak SRAM of ZO training and of backprop with the run's last channel selection, batch 1, on the "
-             "run's `device` profile (`devices/planner.py`).", "",
-             "| row | seeds | zero-shot | final | best | forward calls | trainable bytes | ZO memory KB | "
-             "BP memory KB | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["# Comparison", "", "Top-1 on the test set (%), mean ± std over seeds, of the integers a device "
+             "runs: a backprop row's float weights rounded onto the graph's grids and run by the engine, beside "
+             "its float top-1. Device memory: the planned peak SRAM of ZO training and of backprop with the "
+             "run's last channel selection, batch 1, on the run's `device` profile (`devices/planner.py`).", "",
+             "| row | seeds | zero-shot | final | best | BP float final | forward calls | trainable bytes | "
+             "ZO memory KB | BP memory KB | train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     memory = {}
     failures = []
     for row, items in _rows(results).items():
         done = [r["summary"] for r in items if "summary" in r]
         failures += [r for r in items if "error" in r]
         if not done:
-            lines.append(f"| {row} | 0 of {len(items)} | failed | | | | | | | |")
+            lines.append(f"| {row} | 0 of {len(items)} | failed | | | | | | | | |")
             continue
         memory[row] = planned_memory(next(r["dir"] for r in items if "summary" in r))
-        lines.append(f"| {row} | {len(done)} | {_mean_std([s['zero_shot_top1'] for s in done])} | "
-                     f"{_mean_std([s['final_top1'] for s in done])} | {_mean_std([s['best_top1'] for s in done])} | "
+        backprop = done[0]["config"]["method"] != "zo"
+        lines.append(f"| {row} | {len(done)} | {_mean_std([integer(s, 'zero_shot') for s in done])} | "
+                     f"{_mean_std([integer(s, 'final') for s in done])} | "
+                     f"{_mean_std([integer(s, 'best') for s in done])} | "
+                     f"{_mean_std([s['final_top1'] for s in done]) if backprop else ''} | "
                      f"{int(np.mean([s['forward_calls'] for s in done]))} | {done[0]['trainable_bytes']} | "
                      f"{memory[row]['zo'] / 1024:.1f} | {memory[row]['bp'] / 1024:.1f} | "
                      f"{np.mean([s['train_seconds'] for s in done]):.0f} |")
@@ -191,6 +190,13 @@ def write_report(results: list[dict], out: Path) -> Path:
     return report
 
 
+def integer(summary: dict, which: str) -> float:
+    """A run's ``zero_shot`` / ``final`` / ``best`` top-1 of its deployable integers (summaries written
+    before fwdgrad reported them hold only the trainer's own number, which for ZO runs is the same)."""
+    key = "integer_top1" if which == "final" else f"integer_{which}_top1"
+    return summary.get(key, summary[f"{which}_top1"])
+
+
 def planned_memory(run_dir: str) -> dict:
     """Planned peak bytes of ZO training, backprop and inference for a finished run's last selection."""
     from devices.planner import plan, selection_shape
@@ -203,16 +209,8 @@ def planned_memory(run_dir: str) -> dict:
     state, _, _ = load_checkpoint(run_dir)
     selection = {k: np.array(v) for k, v in state["selection"].items()}
     shape = selection_shape(graph, selection, m=cfg.m, batch=1, momentum=cfg.momentum > 0, bias=cfg.train_bias)
-    result = plan(graph, _sample_shape(Path(run_dir) / "model.onnx"), load_profile(cfg.device), shape)
+    result = plan(graph, tuple(graph.metadata["input_shape"][1:]), load_profile(cfg.device), shape)
     return {"zo": result.zo_peak, "bp": result.bp_peak, "inference": result.inference_peak}
-
-
-def _sample_shape(model_path: Path) -> tuple:
-    """(C, H, W) of the float model the run quantized (its ONNX input, batch dimension dropped)."""
-    import onnx
-
-    dims = onnx.load(model_path, load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-    return tuple(d.dim_value for d in dims[1:])
 
 
 def _plot_memory(memory: dict, path: Path) -> None:

@@ -202,17 +202,49 @@ class TrainConfig:
     @staticmethod
     def read_toml(path: str | Path) -> dict:
         """The settings a TOML file gives (its [train] table, or its top-level keys), unvalidated."""
-        try:
-            with open(path, "rb") as f:
-                values = tomllib.load(f)
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path} is not valid TOML ({err}): write settings as key = value, "
-                              f"e.g. budget = \"8KB\"") from err
+        values = read_settings_file(path)
         return values.get("train", values)
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: dict | None = None) -> "TrainConfig":
         return cls.from_dict(cls.read_toml(path) | (overrides or {}))
+
+
+def read_settings_file(path: str | Path, sections: tuple[str, ...] | None = None) -> dict:
+    """A TOML file of settings (compare grids, studies, fleets, `train --config`): parsed with errors that
+    name the file, its sections checked against ``sections``, and relative model and data paths in any of
+    its tables taken relative to the file itself, so a grid runs the same from any working directory."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            spec = tomllib.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no settings file at {path}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML ({err}): write settings as key = value, "
+                          f"e.g. budget = \"8KB\"") from None
+    if sections is not None:
+        unknown = sorted(set(spec) - set(sections))
+        if unknown:
+            raise ConfigError(f"{path}: unknown sections {unknown}; use {', '.join(f'[{s}]' for s in sections)}")
+    for table in [spec] + [t for v in spec.values() for t in (v if isinstance(v, list) else [v]) if isinstance(t, dict)]:
+        for key in ("model", "dataset"):
+            if key in table:
+                table[key] = _beside(table[key], path.parent)
+    return spec
+
+
+def _beside(value, folder: Path):
+    """A relative model/data path as seen from ``folder``; names (zoo models, registered sets) unchanged."""
+    from .usermodel import is_model_path
+
+    if isinstance(value, list):
+        return [_beside(v, folder) for v in value]
+    if not isinstance(value, str) or Path(value).is_absolute():
+        return value
+    if is_model_path(value) or is_data_path(value) or (folder / value).is_dir():
+        return str(folder / value)
+    return value
 
 
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}

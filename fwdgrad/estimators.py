@@ -75,4 +75,4 @@ def _direction(units, est: Estimate) -> dict[str, np.ndarray]:
 def _neighbour(weights, masks, units, direction, rho, limits) -> dict:
     """The ascent neighbour ``w + rho * d`` (rho in units of eps, rounded to the integer grid)."""
     step = {key: np.rint(rho * units[key] * d).astype(np.int64) for key, d in direction.items()}
-    return weights | Perturbation(-1, masks, step).apply(weights, +1, limits)
+    return Perturbation(-1, masks, step).apply(weights, +1, limits)

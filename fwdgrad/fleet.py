@@ -18,14 +18,13 @@ from __future__ import annotations
 import logging
 import pickle
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from .config import TrainConfig
+from .config import TrainConfig, read_settings_file
 from .exchange import (PROTOCOLS, SeedSteps, as_sent, average_values, payload_bytes, replay, set_values,
                        trained_values)
 from .partition import SPLITS, client_indices
@@ -65,11 +64,7 @@ def load_fleet(path: str | Path | None, train_overrides: dict | None = None,
     """A fleet file: a ``[train]`` table (TrainConfig settings) and a ``[fleet]`` table (FleetConfig)."""
     spec = {}
     if path:
-        with open(path, "rb") as f:
-            spec = tomllib.load(f)
-        unknown = sorted(set(spec) - {"train", "fleet"})
-        if unknown:
-            raise ValueError(f"{path}: unknown sections {unknown}; use [train] and [fleet]")
+        spec = read_settings_file(path, ("train", "fleet"))
     known = set(FleetConfig.__dataclass_fields__)
     fleet_values = spec.get("fleet", {}) | (fleet_overrides or {})
     unknown = sorted(set(fleet_values) - known)

@@ -76,8 +76,10 @@ class Perturbation:
     delta: dict[str, np.ndarray]  # weight key -> int64 values on the mask
 
     def apply(self, weights: dict[str, np.ndarray], sign: int, limits: dict[str, int]) -> dict[str, np.ndarray]:
-        """Weights moved by ``sign * delta`` and saturated to each layer's symmetric integer range."""
-        moved = {}
+        """All of ``weights``, the selected ones moved by ``sign * delta`` and saturated to each layer's
+        symmetric integer range. Every key is returned, not only the perturbed ones: a forward call given
+        this dict must run the other layers with their trained integers too, not the graph's stored ones."""
+        moved = dict(weights)
         for key, mask in self.masks.items():
             w = weights[key].astype(np.int64)
             w[mask] = np.clip(w[mask] + sign * self.delta[key], -limits[key], limits[key])

@@ -298,6 +298,7 @@ class Trainer:
                    "best_top1": max([h["test_top1"] for h in history] + [state["zero_shot_top1"]]),
                    "integer_zero_shot_top1": zero,
                    "integer_top1": history[-1].get("integer_top1", history[-1]["test_top1"]) if history else zero,
+                   "integer_best_top1": max([h.get("integer_top1", h["test_top1"]) for h in history] + [zero]),
                    "epochs": state["epochs_done"], "forward_calls": state["forward_calls"],
                    "trainable_bytes": max([h["trainable_bytes"] for h in history], default=0),
                    "budget_bytes": self.config.budget_bytes,

@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from .compare import _run_safely, finished_summary
-from .config import TrainConfig
+from .config import TrainConfig, read_settings_file
 from .executors import MissingDependency, make_executor
 
 METRICS = ("final_top1", "best_top1")
@@ -76,11 +75,7 @@ class Study:
 def load_study(path: str | Path, trials: int | None = None, metric: str | None = None,
                seed: int | None = None) -> Study:
     """A study file, validated up front (every trial's settings are checked before any training)."""
-    with open(path, "rb") as f:
-        spec = tomllib.load(f)
-    unknown = sorted(set(spec) - {"base", "search", "tune"})
-    if unknown:
-        raise ValueError(f"{path}: unknown sections {unknown}; use [base], [search] and [tune]")
+    spec = read_settings_file(path, ("base", "search", "tune"))
     base = spec.get("base", {})
     base_cfg = TrainConfig.from_dict(base)
     known = set(base_cfg.to_dict())

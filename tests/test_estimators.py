@@ -93,6 +93,31 @@ def test_perturbations_regenerate_from_their_seed(digits_graph):
     assert np.abs(a.delta[node.weight_key]).max() > 256  # eps=2 8-bit steps = 512 int16 steps (w16)
 
 
+def test_a_perturbed_call_runs_every_other_layer_with_its_trained_integers(digits_graph):
+    """The loss at w + delta, from the cached prefix, is a full forward of the complete trained weights plus
+    delta: layers trained in an earlier period but not selected now keep their trained integers (they once
+    fell back to the graph's stored ones)."""
+    graph, x, y = digits_graph
+    trained = {n.weight_key: n.weight for n in graph.weighted_nodes()} | {n.bias_key: n.bias for n in graph.weighted_nodes()}
+    layers = graph.weighted_nodes()
+    for node in layers[:-1]:  # every layer but the one perturbed now was "trained" earlier
+        trained[node.weight_key] = np.clip(node.weight.astype(np.int64) + 300, -32767, 32767).astype(node.weight.dtype)
+    now = layers[-1]
+    masks = selection_masks(graph, {now.name: np.arange(now.weight.shape[1])}, bias=True)
+    p = draw(3, masks, perturbation_units(graph, masks), 2.0)
+    moved = p.apply(trained, +1, integer_limits(graph))
+    assert set(moved) == set(trained)
+    cache = graph.prefix(x, until=now.name, weights=trained)
+    expected = dict(trained)
+    expected[now.weight_key] = moved[now.weight_key]
+    expected[now.bias_key] = moved[now.bias_key]
+    assert not np.array_equal(moved[now.weight_key], trained[now.weight_key])
+    full = graph.forward(x, weights=expected)
+    assert np.array_equal(graph.forward(cache, start=now.name, weights=moved), full)
+    assert not np.array_equal(full, graph.forward(x, weights={now.weight_key: moved[now.weight_key],
+                                                              now.bias_key: moved[now.bias_key]}))
+
+
 def test_channel_masks_cover_grouped_and_depthwise(residual_net):
     _, x, _, proto = residual_net
     graph = convert(proto, x[:50], bits="w8a8")
