@@ -6,7 +6,8 @@ Accounting (per the TFLite Micro planner and the tiny-training / TraDy papers):
 - ZO training adds only what a forward pass does not have: the selected channels (and their layers'
   biases) copied into SRAM at training precision, a momentum copy if used, m seeds and projected
   gradients, and the cached prefix activation (the input of the first trainable layer, one per sample
-  of the batch) that lets 2m calls skip the prefix;
+  of the batch) that lets 2m calls skip the prefix; with the head's exact gradient, the head's input
+  features for the batch and its 32-bit gradient sums;
 - backprop on the same selection must keep every activation from the first trainable layer on (inputs
   of every later node, at activation precision), two activation-gradient buffers (32-bit), 32-bit
   weight gradients of the selected weights, the trainable copy and optimizer state.
@@ -113,6 +114,7 @@ class TrainingShape:
     batch: int = 1
     momentum: bool = False
     cache_prefix: bool = True  # keep the first trainable layer's input per sample, or recompute the prefix
+    exact_layers: tuple = ()  # layers with exact gradients (fwdgrad.head, .last_layer): their input and sums kept
 
 
 @dataclass
@@ -153,6 +155,12 @@ def plan(graph: QGraph, sample_shape: tuple, profile: Profile, training: Trainin
     zo_parts = {"arena": arena, "prefix_cache": prefix_input * training.batch if training.cache_prefix else 0,
                 "trainable": training.trainable_bytes * (2 if training.momentum else 1),
                 "seeds_and_projections": training.m * (8 + 4)}
+    if training.exact_layers:  # each exact layer's input for the batch and 32-bit gradient sums; below the
+        # head, the layer's clamp mask too (one bit per output)
+        layers = [graph.node(name) for name in training.exact_layers]
+        zo_parts["exact_inputs"] = sum(by_name[n.inputs[0]].size for n in layers) * training.batch
+        zo_parts["exact_gradients"] = sum(4 * (n.weight.size + n.bias.size) for n in layers)
+        zo_parts["exact_masks"] = sum(-(-by_name[n.output].elements // 8) for n in layers[1:]) * training.batch
     stored = {t for node in suffix_nodes for t in node.inputs}
     act_grads = 2 * 4 * max(by_name[n.output].elements for n in suffix_nodes)  # two 32-bit gradient buffers
     bp_parts = {"stored_activations": sum(by_name[t].size for t in stored) * training.batch,

@@ -84,9 +84,9 @@ class BackpropTrainer(Trainer):
             weights[key] = (weights[key] - lr * direction).astype(np.float32)
         return float(loss.detach()), 1
 
-    def step_macs(self, selection: Selection, calls: int) -> tuple[int, int]:
+    def step_macs(self, masks: dict, calls: int) -> tuple[int, int]:
         """Forward over the whole graph plus a backward (about twice the forward) over the trained suffix."""
-        first = min(self.graph.index(name) for name in selection)
+        first = min(self.graph.index(key.rsplit(".", 1)[0]) for key in masks)
         prefix, suffix = sum(self.node_macs[:first]), sum(self.node_macs[first:])
         return prefix + 3 * suffix, 3 * (prefix + suffix)
 

@@ -26,6 +26,7 @@ from quant.tensor import SCALE_KINDS
 
 from .data.files import IMAGE_SCALINGS, is_data_path
 from .estimators import ESTIMATORS
+from .head import HEAD_UPDATES
 from .perturb import DISTRIBUTIONS, SPACES
 from .selection import METHODS
 from .update import SCHEDULES
@@ -94,6 +95,9 @@ class TrainConfig:
     rgn_samples: Count = 256
     checkpoint_every: NonNegative = 0  # steps between checkpoints; 0 = every epoch
     head: Literal[HEADS] = AUTO  # auto: probe for zoo models, keep for a file whose outputs are the classes
+    head_update: Literal[HEAD_UPDATES] = "auto"  # exact: the head's true gradient from its forward pass; exact-last:
+    # and the last 1x1 conv's through the head's weights; zo: perturbed like the rest; auto: the first that applies
+    head_lr: Positive = 10.0  # exact updates: step size, normalised by their inputs' mean square (fwdgrad.head)
     probe_samples: NonNegative = 0  # training images the probe head is fitted on (0 = all)
     loss: Literal["float", "integer"] = "float"  # integer: Q.16 lookup-table cross-entropy (no FPU)
 

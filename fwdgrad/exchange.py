@@ -13,7 +13,10 @@ Two protocols, over the same local forward-gradient training:
   the rounded mean over devices and sends the averaged channels back.
 
 Projected gradients travel as float32; the device applies the float32 values locally as well, so its own
-update is exactly what the server replays.
+update is exactly what the server replays. With the head's exact gradient (``head_update = "exact"``) the
+steps of the exactly-trained layers depend on the device's data and cannot be regenerated from a seed: a
+``seeds`` device also uploads the sum of their integer steps over the round (int32, the layers' size), and
+every copy adds the devices' mean, rounded half to even, after replaying the seeds.
 """
 from __future__ import annotations
 
@@ -24,8 +27,8 @@ import numpy as np
 from .config import TrainConfig
 from .estimators import Estimate, seeds_for
 from .perturb import draw
-from .trainer import step_learning_rate
 from .update import apply_update
+from .zo_step import step_learning_rate
 
 PROTOCOLS = ("seeds", "weights")
 
@@ -82,3 +85,14 @@ def set_values(weights: dict, masks: dict, values: dict[str, np.ndarray]) -> dic
 
 def payload_bytes(arrays: dict[str, np.ndarray]) -> int:
     return int(sum(a.nbytes for a in arrays.values()))
+
+
+def fold_exact(weights: dict, steps: dict[str, np.ndarray], limits: dict) -> dict:
+    """The weights with the mean over devices of each exactly-trained array's summed steps (``steps[key]``
+    stacks the devices' sums) added, rounded half to even and saturated: the same integers on the server
+    and on every device."""
+    new = dict(weights)
+    for key, per_device in steps.items():
+        mean = np.rint(np.mean(per_device.astype(np.float64), axis=0)).astype(np.int64)
+        new[key] = np.clip(weights[key].astype(np.int64) + mean, -limits[key], limits[key]).astype(weights[key].dtype)
+    return new

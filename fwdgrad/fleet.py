@@ -25,8 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import TrainConfig, read_settings_file
-from .exchange import (PROTOCOLS, SeedSteps, as_sent, average_values, payload_bytes, replay, set_values,
-                       trained_values)
+from .exchange import (PROTOCOLS, SeedSteps, as_sent, average_values, fold_exact, payload_bytes, replay,
+                       set_values, trained_values)
 from .partition import SPLITS, client_indices
 from .perturb import perturbation_units, selection_masks
 from .data.split import TrainData
@@ -102,24 +102,50 @@ class Device:
         self.config = replace(cfg, seed=device_seed(cfg.seed, k))
         self.graph, self.x, self.y = setup["graph"], x, y
         self.trainer = Trainer(self.graph, TrainData(x, y, x[:1], y[:1]), self.config, Path(setup["dir"]) / f"device-{k}")
-        self.trainer.total_steps = setup["total_steps"]  # the schedule spans every round's local steps
+        # the schedule spans every round's local steps
+        self.trainer.total_steps = self.trainer.zo.total_steps = setup["total_steps"]
         self.local_steps = setup["local_steps"]
 
-    def local_round(self, weights: dict, masks: dict, selection: dict, round_: int) -> tuple[dict, SeedSteps, float]:
-        """``local_steps`` forward-gradient steps from ``weights``: the new weights, the steps as (seed, g)
-        pairs, and the mean loss. The local update applies the float32 g's that travel."""
+    def local_round(self, weights: dict, masks: dict, round_: int) -> tuple[dict, dict, float]:
+        """``local_steps`` forward-gradient steps from ``weights``: the new weights, the seeds upload (the
+        steps as (seed, g) pairs, and with the exact head the sum of its integer steps), and the mean loss.
+        The local update applies the float32 g's that travel."""
+        zo = self.trainer.zo
         seeds, projected, losses = [], [], []
+        exact_sum = {k: np.zeros(weights[k].shape, np.int64) for k in zo.exact_keys}
         for j in range(self.local_steps):
             step = round_ * self.local_steps + j
             batch = self.trainer.batch_indices(step)
-            est, seed = self.trainer.gradient(weights, masks, selection, self.x[batch], self.y[batch], step)
+            est, seed, exact = zo.gradient(weights, masks, self.x[batch], self.y[batch], step)
             est = as_sent(est)
-            weights = apply_update(self.graph, weights, est, self.trainer.learning_rate(step), self.config.eps,
-                                   self.trainer.limits, seed)
+            if est.perturbations:
+                weights = apply_update(self.graph, weights, est, zo.learning_rate(step), self.config.eps, zo.limits,
+                                       seed)
+            before = {k: weights[k].astype(np.int64) for k in exact_sum}
+            weights = dict(weights)
+            zo.apply_exact(weights, exact, step, seed)
+            for k in exact_sum:
+                exact_sum[k] += weights[k].astype(np.int64) - before[k]
             seeds.append(seed)
             projected.append(est.projected)
             losses.append(float(np.mean(est.losses)))
-        return weights, SeedSteps(np.array(seeds, np.int64), np.array(projected, np.float32)), float(np.mean(losses))
+        upload = {"seeds": np.array(seeds, np.int64), "projected": np.array(projected, np.float32)}
+        upload |= {f"exact:{k}": v.astype(np.int32) for k, v in exact_sum.items()}
+        return weights, upload, float(np.mean(losses))
+
+
+def fold_seeds(zo, weights: dict, masks: dict, aggregate: dict, first_step: int, total_steps: int) -> dict:
+    """Every device's round of steps replayed onto ``weights`` (their seeds in device order, each at lr / N),
+    then the mean of their exact layers' steps: what the server and every device compute alike."""
+    perturbed = zo.perturbed(masks)
+    units = perturbation_units(zo.graph, perturbed, zo.config.space)
+    devices = len(aggregate["seeds"])
+    for c in range(devices):
+        weights = replay(zo.graph, weights, perturbed, units, zo.limits, zo.config,
+                         SeedSteps(aggregate["seeds"][c], aggregate["projected"][c]), first_step, total_steps,
+                         1.0 / devices)
+    steps = {key[len("exact:"):]: values for key, values in aggregate.items() if key.startswith("exact:")}
+    return fold_exact(weights, steps, zo.limits)
 
 
 _SETUPS: dict[str, dict] = {}
@@ -157,7 +183,7 @@ def device_round(message, context):
     config = message.content["config"]
     k = int(context.node_config["partition-id"])
     device = _device(str(config["setup"]), k)
-    protocol, round_, devices = str(config["protocol"]), int(config["round"]), int(config["devices"])
+    protocol, round_ = str(config["protocol"]), int(config["round"])
     weights_key, selection_key = f"{protocol}.weights", f"{protocol}.selection"
     graph, cfg = device.graph, device.config
     weights = _arrays(context.state[weights_key]) if weights_key in context.state else device.trainer.initial_weights()
@@ -165,11 +191,8 @@ def device_round(message, context):
         masks = selection_masks(graph, _selection(context.state[selection_key]), cfg.train_bias)
         aggregate = _arrays(message.content["aggregate"])
         if protocol == "seeds":
-            units = perturbation_units(graph, masks, cfg.space)
-            for c in range(devices):
-                weights = replay(graph, weights, masks, units, device.trainer.limits, cfg,
-                                 SeedSteps(aggregate["seeds"][c], aggregate["projected"][c]),
-                                 (round_ - 1) * device.local_steps, device.trainer.total_steps, 1.0 / devices)
+            weights = fold_seeds(device.trainer.zo, weights, masks, aggregate, (round_ - 1) * device.local_steps,
+                                 device.trainer.total_steps)
         else:
             weights = set_values(weights, masks, aggregate)
     reply = {"config": ConfigRecord({"device": k, "digest": weights_digest(weights)})}
@@ -178,9 +201,8 @@ def device_round(message, context):
         selection = _selection(message.content["selection"])
         context.state[selection_key] = message.content["selection"]
         masks = selection_masks(graph, selection, cfg.train_bias)
-        trained, steps, loss = device.local_round(weights, masks, selection, round_)
-        upload = {"seeds": steps.seeds, "projected": steps.projected} if protocol == "seeds" else \
-            trained_values(trained, masks)
+        trained, seeds, loss = device.local_round(weights, masks, round_)
+        upload = seeds if protocol == "seeds" else trained_values(trained, masks)
         reply |= {"update": _record(upload), "metrics": MetricRecord({"loss": loss})}
     return Message(RecordDict(reply), reply_to=message)
 
@@ -267,7 +289,7 @@ def _send(grid, nodes, plan: Plan, protocol: str, round_: int, aggregate: dict |
 def _run_protocol(grid, nodes, plan: Plan, protocol: str) -> dict:
     cfg, graph, data = plan.config, plan.graph, plan.data
     trainer = Trainer(graph, data, cfg, Path(plan.setup_path).parent)
-    weights, limits, devices = trainer.initial_weights(), trainer.limits, len(nodes)
+    weights, devices = trainer.initial_weights(), len(nodes)
     total_steps = plan.fleet.rounds * plan.local_steps
     zero_loss, zero_top1 = evaluate(graph, weights, data.x_test, data.y_test, cfg.backend)
     rounds, aggregate, started = [], None, time.perf_counter()
@@ -287,13 +309,8 @@ def _run_protocol(grid, nodes, plan: Plan, protocol: str) -> dict:
         masks = selection_masks(graph, plan.selections[round_], cfg.train_bias)
         uploads = [_arrays(r.content["update"]) for r in replies]
         if protocol == "seeds":
-            units = perturbation_units(graph, masks, cfg.space)
-            for upload in uploads:
-                weights = replay(graph, weights, masks, units, limits, cfg,
-                                 SeedSteps(upload["seeds"], upload["projected"]), round_ * plan.local_steps,
-                                 total_steps, 1.0 / devices)
-            aggregate = {"seeds": np.stack([u["seeds"] for u in uploads]),
-                         "projected": np.stack([u["projected"] for u in uploads])}
+            aggregate = {key: np.stack([u[key] for u in uploads]) for key in uploads[0]}
+            weights = fold_seeds(trainer.zo, weights, masks, aggregate, round_ * plan.local_steps, total_steps)
         else:
             aggregate = average_values(uploads)
             weights = set_values(weights, masks, aggregate)

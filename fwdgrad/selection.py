@@ -8,7 +8,7 @@ recomputes gradients every epoch (it needs the PyTorch twin, so it is a referenc
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -85,6 +85,7 @@ class ChannelSampler:
     preselected: list[str] | None = None
     rgn: dict[str, np.ndarray] | None = None
     train_bias: bool = False  # a layer's first channel also brings its bias into the budget
+    reserved: list[str] = field(default_factory=list)  # layers every selection trains whole (an exact head)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -99,6 +100,11 @@ class ChannelSampler:
             if self.budget_bytes is None or self.budget_bytes < smallest:
                 raise ValueError(f"budget {self.budget_bytes} bytes is below one channel ({smallest} bytes): "
                                  f"raise --budget to at least {smallest}B")
+            whole = self._whole_bytes(self.reserved)
+            if self.reserved and self.budget_bytes < whole:
+                raise ValueError(f"budget {self.budget_bytes} bytes is below the {whole} bytes of the head "
+                                 f"{', '.join(self.reserved)}, which the exact head update trains whole: raise "
+                                 f"--budget to at least {whole}B, or use --head-update zo")
 
     def layers(self) -> list[str]:
         """The layers this sampler draws channels from."""
@@ -110,16 +116,21 @@ class ChannelSampler:
 
     def available_bytes(self) -> int:
         """Trainable bytes of every channel (and bias) of those layers: the most a selection can hold."""
-        nodes = [self.graph.node(name) for name in self.layers()]
+        return self._whole_bytes(dict.fromkeys(self.layers() + list(self.reserved)))
+
+    def _whole_bytes(self, layers) -> int:
+        nodes = [self.graph.node(name) for name in layers]
         return sum(channel_bytes(n) * input_channels(n) + (bias_bytes(n) if self.train_bias else 0) for n in nodes)
 
     def _pool(self, layers) -> list[tuple[str, int]]:
         return [(name, c) for name in layers for c in range(input_channels(self.graph.node(name)))]
 
     def _fill(self, ordered: list[tuple[str, int]]) -> Selection:
-        """Take channels in order while they fit the budget (skipping ones that do not)."""
+        """Take the reserved layers whole, then channels in order while they fit the budget (skipping ones
+        that do not)."""
         chosen: dict[str, list[int]] = {}
         left = self.budget_bytes
+        ordered = self._pool(self.reserved) + [nc for nc in ordered if nc[0] not in self.reserved]
         sizes = {n.name: channel_bytes(n) for n in self.graph.weighted_nodes()}
         entry = {n.name: bias_bytes(n) if self.train_bias else 0 for n in self.graph.weighted_nodes()}
         for name, c in ordered:

@@ -1,16 +1,14 @@
-"""The forward-gradient training loop: select channels, estimate, update, evaluate, checkpoint.
+"""The training loop: select channels each period, step, evaluate each epoch, checkpoint, summarize.
 
-A step (MeZO's shape, in the integer grid): run the graph's prefix before the first selected layer once,
-draw m seeded perturbations of the selected channels, two forward calls each from the cached prefix,
-then one seeded stochastic-rounding update. Every random number derives from (seed, step, ...), so a run
-killed at any point resumes from its last checkpoint and ends on exactly the integers an uninterrupted
+The step itself is ``fwdgrad.zo_step.ZOStep`` (forward gradients, the head's exact gradient) or the
+backprop reference's (``fwdgrad.backprop``); device fit is ``fwdgrad.fit``, layer ranking
+``fwdgrad.ranking``, the files ``fwdgrad.rundir``. Every random number derives from (seed, step, ...), so a
+run killed at any point resumes from its last checkpoint and ends on exactly the integers an uninterrupted
 run ends on. Checkpoints are written atomically (temp file + rename; the state file last).
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,14 +20,15 @@ from quant.graph import QGraph, check_input_shape
 
 from .channels import Selection, selection_bytes, selection_count
 from .config import TrainConfig
-from .estimators import Estimate, estimate
-from .loss import LOSS_FRACTION_BITS, cross_entropy, integer_cross_entropy, top1
 from .data.split import TrainData
-from .perturb import integer_limits, perturbation_units, selection_masks
+from .fit import check_device
+from .loss import cross_entropy, top1
+from .perturb import selection_masks
+from .ranking import layer_rgn
 from .rundir import (atomic_write_bytes, atomic_write_json, load_checkpoint, read_json, save_checkpoint, save_graph,
                      weights_digest)
-from .selection import ChannelSampler, channel_rgn, channel_rgn_zo, preselect_layers
-from .update import apply_update, learning_rate
+from .selection import ChannelSampler, channel_rgn, preselect_layers
+from .zo_step import ZOStep
 
 
 def evaluate(graph: QGraph, weights: dict, x: np.ndarray, y: np.ndarray, backend: str, batch_size: int = 256) -> tuple[float, float]:
@@ -43,12 +42,12 @@ def evaluate(graph: QGraph, weights: dict, x: np.ndarray, y: np.ndarray, backend
 
 
 class Trainer:
+    progress_label = "zo-train"
+
     def __init__(self, graph: QGraph, data: TrainData, config: TrainConfig, out: str | Path):
         self.graph, self.data, self.config = graph, data, config
         self.out = Path(out)
         self.ckpt = self.out / "checkpoint"
-        self.limits = integer_limits(graph)
-        self._units = (None, {})
         self.budget_note = None
         self.steps_per_epoch = -(-len(data.x_train) // config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
@@ -58,43 +57,33 @@ class Trainer:
         if (top := int(max(np.max(data.y_train), np.max(data.y_test)))) >= classes:
             raise ValueError(f"labels go up to {top} but the model has "
                              f"{classes} outputs: give it a head with one output per class")
+        self.zo = ZOStep(graph, config, self.total_steps)
 
-    def step_macs(self, selection: Selection, calls: int) -> tuple[int, int]:
+    @property
+    def limits(self) -> dict:
+        return self.zo.limits
+
+    @property
+    def reserved(self) -> list[str]:
+        """Layers every selection trains whole: the head, when its gradient is exact."""
+        return [self.zo.head.name] if self.zo.head is not None else []
+
+    def step(self, weights, momentum, masks, selection: Selection, x, y, step: int) -> tuple[float, int]:
+        """One step; updates ``weights`` (and ``momentum``) in place; (mean loss, forward calls)."""
+        return self.zo(weights, momentum, masks, x, y, step)
+
+    def step_macs(self, masks: dict, calls: int) -> tuple[int, int]:
         """(MACs a step computes with the shared prefix, MACs of ``calls`` full passes), per sample."""
-        first = min(self.graph.index(name) for name in selection)
+        first = self.graph.index(self.zo.start(masks))
         prefix, suffix = sum(self.node_macs[:first]), sum(self.node_macs[first:])
         return prefix + calls * suffix, calls * (prefix + suffix)
-
-    progress_label = "zo-train"
 
     def evaluate(self, weights: dict, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         return evaluate(self.graph, weights, x, y, self.config.backend)
 
     def check_device(self, selection: Selection | None = None) -> None:
-        """Refuse a run the target device cannot hold: first for the worst selection the budget allows
-        (before any work), then for each selection drawn. Caching the prefix is preferred; recomputing
-        it is the fallback that needs less memory."""
-        from devices.planner import budget_shape, require_fit, selection_shape
-        from devices.profiles import load_profile
-        from quant.convert import parse_bits
-
-        cfg = self.config
-        profile = load_profile(cfg.device)
-        if profile.sram_bytes is None and profile.flash_bytes is None:
-            return
-        sample = self.data.x_train.shape[1:]
-        method = "zo" if cfg.method == "zo" else "bp"
-        if selection:
-            shape = selection_shape(self.graph, selection, m=cfg.m, batch=cfg.batch_size, momentum=cfg.momentum > 0,
-                                    bias=cfg.train_bias)
-        else:
-            shape = budget_shape(self.graph, sample, cfg.budget_bytes, method=method, m=cfg.m, batch=cfg.batch_size,
-                                 momentum=cfg.momentum > 0, bits=parse_bits(cfg.bits)[0])
-        try:
-            require_fit(self.graph, sample, profile, shape, method)
-        except ValueError:
-            shape.cache_prefix = False
-            require_fit(self.graph, sample, profile, shape, method)
+        layers = [n.name for n in (self.zo.head, self.zo.last.node if self.zo.last else None) if n is not None]
+        check_device(self.graph, self.data.x_train.shape[1:], self.config, selection, tuple(layers))
 
     def integer_weights(self, weights: dict) -> dict:
         """The trained state as the graph's integers (the ZO trainer already trains integers)."""
@@ -122,32 +111,12 @@ class Trainer:
         cfg = self.config
         rgn = preselected = None
         if cfg.selection in ("trady", "s-topk-random", "s-det-rgn", "d-det-rgn"):
-            rgn = self.layer_rgn()
+            n = min(cfg.rgn_samples, len(self.data.x_train))
+            rgn = layer_rgn(self.graph, self.initial_weights(), self.data.x_train[:n], self.data.y_train[:n], self.out,
+                            cfg.backend)
             preselected = preselect_layers(rgn)
-        return ChannelSampler(self.graph, cfg.selection, cfg.budget_bytes, cfg.seed, preselected, rgn, cfg.train_bias)
-
-    def layer_rgn(self) -> dict[str, np.ndarray]:
-        """Channel RGN of this model on this task's first ``rgn_samples`` training samples, kept in the cache
-        and copied into OUT/rgn.json with the run. From the PyTorch float twin, or from forward-only estimates
-        where torch is not installed. The cache key is everything the numbers depend on (architecture,
-        weights, samples): keyed by architecture alone, the layers a run trains would depend on which task
-        happened to fill the cache first, and two machines would train different channels from one seed."""
-        n = min(self.config.rgn_samples, len(self.data.x_train))
-        x, y = self.data.x_train[:n], self.data.y_train[:n]
-        key = hashlib.sha256("|".join([architecture_digest(self.graph), weights_digest(self.initial_weights()),
-                                       hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()]).encode())
-        path = rgn_cache_dir() / f"{key.hexdigest()[:16]}.json"
-        if not path.exists():
-            try:
-                import torch  # noqa: F401  (the twin needs it)
-                rgn, source = channel_rgn(self.graph, x, y), "pytorch-twin"
-            except ImportError:
-                rgn, source = channel_rgn_zo(self.graph, x, y, backend=self.config.backend), "zo-estimate"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(path, {"source": source, "rgn": {k: v.tolist() for k, v in rgn.items()}})
-        stored = json.loads(path.read_text())
-        atomic_write_json(self.out / "rgn.json", stored)
-        return {k: np.array(v) for k, v in stored["rgn"].items()}
+        return ChannelSampler(self.graph, cfg.selection, cfg.budget_bytes, cfg.seed, preselected, rgn, cfg.train_bias,
+                              self.reserved)
 
     def period_of(self, step: int) -> int:
         every = self.config.resample_every
@@ -223,8 +192,8 @@ class Trainer:
                           "test_loss": test_loss, "test_top1": test_top1,
                           "integer_top1": self.deployed_top1(weights, test_top1), "forward_calls": state["forward_calls"],
                           "selected_channels": selection_count(selection),
-                          "step_macs_per_sample": self.step_macs(selection, calls)[0],
-                          "full_pass_macs_per_sample": self.step_macs(selection, calls)[1],
+                          "step_macs_per_sample": self.step_macs(masks, calls)[0],
+                          "full_pass_macs_per_sample": self.step_macs(masks, calls)[1],
                           "trainable_bytes": selection_bytes(graph, selection, cfg.momentum > 0, cfg.train_bias),
                           "wall_seconds": time.perf_counter() - started}
                 state["history"].append(record)
@@ -243,41 +212,6 @@ class Trainer:
         epoch, index = divmod(step, self.steps_per_epoch)
         order = np.random.default_rng([self.config.seed, 0xDA7A, epoch]).permutation(len(self.data.x_train))
         return order[index * self.config.batch_size:(index + 1) * self.config.batch_size]
-
-    def step(self, weights, momentum, masks, selection: Selection, x, y, step: int) -> tuple[float, int]:
-        """One forward-gradient step; updates ``weights`` (and ``momentum``) in place.
-
-        Returns the mean loss of the perturbed calls and the number of forward calls made."""
-        cfg = self.config
-        est, seed = self.gradient(weights, masks, selection, x, y, step)
-        new = apply_update(self.graph, weights, est, self.learning_rate(step), cfg.eps, self.limits, seed,
-                           momentum if cfg.momentum > 0 else None, cfg.momentum)
-        weights.update(new)
-        return float(np.mean(est.losses)), est.forward_calls
-
-    def gradient(self, weights, masks, selection: Selection, x, y, step: int) -> tuple[Estimate, int]:
-        """The step's estimate and its seed. The seed regenerates every perturbation and the rounding noise,
-        so (seed, projected gradients) is the whole update: a fleet device uploads only that."""
-        cfg, graph = self.config, self.graph
-        first = min(graph.index(name) for name in selection)
-        start = graph.nodes[first].name
-        cache = graph.prefix(x, until=start, weights=weights, backend=cfg.backend)
-
-        loss_fn = cross_entropy if cfg.loss == "float" else integer_loss
-
-        def loss_at(w):
-            return loss_fn(graph.forward(cache, start=start, weights=w, backend=cfg.backend), graph.output_params, y)
-
-        seed = step_seed(cfg.seed, step)
-        if self._units[0] is not masks:  # integer steps per unit of eps: once per selection
-            self._units = (masks, perturbation_units(graph, masks, cfg.space))
-        est = estimate(loss_at, weights, masks, self._units[1], self.limits, step_seed=seed, m=cfg.m, eps=cfg.eps,
-                       distribution=cfg.distribution, method=cfg.estimator, rho=cfg.rho)
-        return est, seed
-
-    def learning_rate(self, step: int) -> float:
-        """The update size of ``step`` for the current selection (after ``gradient`` drew it)."""
-        return step_learning_rate(self.config, step, self.total_steps, self._units[1])
 
     def report_budget(self, sampler: ChannelSampler) -> None:
         """Say at the start when the layers a selection may draw from hold less than the budget: the run
@@ -303,41 +237,11 @@ class Trainer:
                    "trainable_bytes": max([h["trainable_bytes"] for h in history], default=0),
                    "budget_bytes": self.config.budget_bytes,
                    "budget_used_bytes": max([h["trainable_bytes"] for h in history], default=0),
-                   "budget_note": self.budget_note,
+                   "budget_note": self.budget_note, "head_update": self.zo.head_update,
                    "train_seconds": state["train_seconds"], "config": self.config.to_dict(),
                    "sources": state.get("sources", {}), "weights_sha256": weights_digest(weights)}
         atomic_write_json(self.out / "summary.json", summary)
         return summary
-
-
-def step_seed(seed: int, step: int) -> int:
-    """The seed of everything random in a step: perturbations and stochastic-rounding noise."""
-    return int(np.random.default_rng([seed, 0x57E9, step]).integers(0, 2 ** 62))
-
-
-def step_learning_rate(cfg: TrainConfig, step: int, total_steps: int, units: dict) -> float:
-    """Schedule value at ``step``; with ``lr_scale = dimension`` divided by the number of perturbed weights
-    (``units`` holds one entry per perturbed weight), since ZO's stable step shrinks like m / d."""
-    lr = learning_rate(cfg.lr, cfg.schedule, step, total_steps, cfg.warmup_steps)
-    if cfg.lr_scale == "dimension":
-        lr /= sum(len(u) for u in units.values())
-    return lr
-
-
-def rgn_cache_dir() -> Path:
-    root = os.environ.get("FWDGRAD_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "fwdgrad") / "rgn"
-
-
-def architecture_digest(graph: QGraph) -> str:
-    """Identity of an architecture at a bit width: node types, names and weight shapes (not values)."""
-    parts = [graph.bits] + [f"{n.op_type}:{n.name}:{getattr(n, 'weight', np.empty(0)).shape}" for n in graph.nodes]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-
-def integer_loss(logits_int, params, labels) -> float:
-    """The integer-only loss, as the float the estimator divides (the device would keep it in Q.16)."""
-    return integer_cross_entropy(logits_int, params, labels) / (1 << LOSS_FRACTION_BITS)
 
 
 def check_sources(stored: dict, now: dict, out: Path) -> None:

@@ -108,6 +108,13 @@ class QGraph:
         env = {self.input_name: self.quantize_input(x)}
         return self._execute(env, 0, self.index(until), backend, weights, rounding or self.rounding)
 
+    def advance(self, cache: dict, start: str, until: str, *, weights: dict | None = None, backend="numba",
+                rounding: str | None = None) -> dict:
+        """Run the nodes from ``start`` up to (not including) ``until`` on a ``prefix`` cache and return the
+        tensors live there: the cache at ``until`` (what a trainer reads the head's input features from)."""
+        rounding = check_rounding(rounding or self.rounding)
+        return self._execute(dict(cache), self.index(start), self.index(until), backend, weights, rounding)
+
     def forward(self, x, *, weights: dict | None = None, start: str | None = None, backend="numba",
                 rounding: str | None = None) -> np.ndarray:
         """Integer output for input ``x`` (float array, integer array, or with ``start`` a ``prefix`` cache)."""

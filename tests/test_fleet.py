@@ -8,8 +8,8 @@ import pytest
 from conftest import serve_residual_net
 import fwdgrad.task
 from fwdgrad.config import TrainConfig
-from fwdgrad.exchange import average_values, replay, set_values, trained_values
-from fwdgrad.fleet import Device, FleetConfig, load_fleet, run_fleet
+from fwdgrad.exchange import SeedSteps, average_values, replay, set_values, trained_values
+from fwdgrad.fleet import Device, FleetConfig, fold_seeds, load_fleet, run_fleet
 from fwdgrad.partition import client_indices
 from fwdgrad.perturb import perturbation_units, selection_masks
 from fwdgrad.rundir import weights_digest
@@ -53,11 +53,18 @@ def test_replaying_a_devices_seeds_gives_its_own_integers(residual_task, tmp_pat
     start = device.trainer.initial_weights()
     selection = device.trainer.sampler().select(0)
     masks = selection_masks(graph, selection, cfg.train_bias)
-    trained, steps, loss = device.local_round(dict(start), masks, selection, round_=1)
-    assert steps.seeds.shape == (4,) and steps.projected.shape == (4, 2) and np.isfinite(loss)
-    units = perturbation_units(graph, masks, cfg.space)
-    replayed = replay(graph, dict(start), masks, units, device.trainer.limits, device.config, steps, 4, 8)
+    trained, upload, loss = device.local_round(dict(start), masks, round_=1)
+    assert upload["seeds"].shape == (4,) and upload["projected"].shape == (4, 2) and np.isfinite(loss)
+    # the exact head's steps travel as their integer sums (int32, the head's size): the bytes a device adds
+    head = device.trainer.zo.head
+    assert upload[f"exact:{head.weight_key}"].shape == head.weight.shape
+    assert upload[f"exact:{head.weight_key}"].dtype == np.int32
+    replayed = fold_seeds(device.trainer.zo, dict(start), masks, {k: v[None] for k, v in upload.items()}, 4, 8)
     assert weights_digest(replayed) == weights_digest(trained) != weights_digest(start)
+    perturbed = device.trainer.zo.perturbed(masks)  # the ZO part alone is (seed, g) pairs
+    only_zo = replay(graph, dict(start), perturbed, perturbation_units(graph, perturbed, cfg.space),
+                     device.trainer.limits, device.config, SeedSteps(upload["seeds"], upload["projected"]), 4, 8)
+    assert all(np.array_equal(only_zo[k], trained[k]) for k in perturbed)
 
     values = trained_values(trained, masks)
     assert weights_digest(set_values(start, masks, values)) == weights_digest(trained)
@@ -86,9 +93,10 @@ def test_three_device_flower_fleet_keeps_copies_identical(residual_task, tmp_pat
     seeds, weights = result["protocols"]["seeds"], result["protocols"]["weights"]
     assert seeds["in_sync"] and weights["in_sync"]  # every device's digest matched the server's every round
     assert [len(p["rounds"]) for p in (seeds, weights)] == [3, 3]  # 2 training rounds + the final download
-    # a device uploads 8 + 4m bytes per step: 3 devices x 2 steps x (8 + 4 * 2)
-    assert seeds["uplink_payload_bytes_per_round"] == 3 * 2 * (8 + 4 * 2)
-    assert weights["uplink_payload_bytes_per_round"] > 10 * seeds["uplink_payload_bytes_per_round"]
+    # a device uploads 8 + 4m bytes per ZO step (3 devices x 2 steps x (8 + 4 * 2)), and the int32 sum of its
+    # exact head steps once per round (the head has 10 x 20 weights and 10 biases)
+    assert seeds["uplink_payload_bytes_per_round"] == 3 * 2 * (8 + 4 * 2) + 3 * 4 * (10 * 20 + 10)
+    assert weights["uplink_payload_bytes_per_round"] > seeds["uplink_payload_bytes_per_round"]
     assert seeds["zero_shot_top1"] == weights["zero_shot_top1"]
     stored = json.loads((tmp_path / "fleet" / "fleet.json").read_text())
     assert stored["device_classes"] == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]

@@ -1,0 +1,178 @@
+"""One forward-gradient step (MeZO's shape, in the integer grid), with the classifier's exact gradient.
+
+Run the graph's prefix before the first perturbed layer once; draw m seeded perturbations of the selected
+channels; two forward calls each from the cached prefix; one seeded stochastic-rounding update. With
+``head_update = "exact"`` the head is not perturbed: every one of those forward calls also yields the
+head's input features and the logits, which give its exact cross-entropy gradient (``fwdgrad.head``),
+averaged over the calls and applied after the ZO update; ``exact-last`` also gives the last 1x1 conv's
+selected channels theirs (``fwdgrad.last_layer``). When nothing but exact layers is selected, a step is
+one plain forward call. Every random number derives from (seed, step), so (seed, projected gradients)
+and the head's integer step are the whole update.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from quant.graph import QGraph
+
+from .config import TrainConfig
+from .estimators import Estimate, estimate
+from .head import HeadGradient, apply_head_step, final_linear
+from .last_layer import LastLayerGradient, apply_last_layer_step, find_last_layer
+from .loss import LOSS_FRACTION_BITS, cross_entropy, integer_cross_entropy
+from .perturb import integer_limits, perturbation_units
+from .update import apply_update, learning_rate
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of everything random in a step: perturbations and stochastic-rounding noise."""
+    return int(np.random.default_rng([seed, 0x57E9, step]).integers(0, 2 ** 62))
+
+
+def step_learning_rate(cfg: TrainConfig, step: int, total_steps: int, units: dict) -> float:
+    """Schedule value at ``step``; with ``lr_scale = dimension`` divided by the number of perturbed weights
+    (``units`` holds one entry per perturbed weight), since ZO's stable step shrinks like m / d."""
+    lr = learning_rate(cfg.lr, cfg.schedule, step, total_steps, cfg.warmup_steps)
+    if cfg.lr_scale == "dimension":
+        lr /= max(1, sum(len(u) for u in units.values()))
+    return lr
+
+
+def integer_loss(logits_int, params, labels) -> float:
+    """The integer-only loss, as the float the estimator divides (the device would keep it in Q.16)."""
+    return integer_cross_entropy(logits_int, params, labels) / (1 << LOSS_FRACTION_BITS)
+
+
+def exact_layers(graph: QGraph, head_update: str):
+    """(head, last layer) whose gradients a run computes exactly, by ``head_update`` (auto: the most the
+    model's structure allows). Either may be None."""
+    if head_update == "zo":
+        return None, None
+    try:
+        head = final_linear(graph)
+    except ValueError:
+        if head_update == "auto":
+            return None, None
+        raise
+    if head_update == "exact":
+        return head, None
+    try:
+        return head, find_last_layer(graph, head)
+    except ValueError:
+        if head_update == "auto":
+            return head, None
+        raise
+
+
+class ZOStep:
+    """The forward-gradient step of a run: ``step(weights, momentum, masks, x, y, t)`` updates in place."""
+
+    def __init__(self, graph: QGraph, config: TrainConfig, total_steps: int):
+        self.graph, self.config, self.total_steps = graph, config, total_steps
+        self.limits = integer_limits(graph)
+        self.head, self.last = exact_layers(graph, config.head_update)
+        self._units = (None, {})
+
+    @property
+    def head_update(self) -> str:
+        """What ``head_update`` resolved to for this model."""
+        return "exact-last" if self.last else "exact" if self.head else "zo"
+
+    @property
+    def exact_keys(self) -> list[str]:
+        """Weight keys updated by exact gradients instead of perturbations."""
+        nodes = [n for n in (self.head, self.last.node if self.last else None) if n is not None]
+        return [k for n in nodes for k in (n.weight_key, n.bias_key)]
+
+    def perturbed(self, masks: dict) -> dict:
+        """The masks ZO perturbs: the selection's, less what exact gradients update."""
+        return {k: m for k, m in masks.items() if k not in self.exact_keys}
+
+    def last_channels(self, masks: dict) -> np.ndarray | None:
+        """The last layer's selected input channels (None when it is not selected or not exact)."""
+        if self.last is None or self.last.node.weight_key not in masks:
+            return None
+        return np.flatnonzero(masks[self.last.node.weight_key].any(axis=(0, 2, 3)))
+
+    def start(self, masks: dict) -> str:
+        """The first node a step's calls run from the cached prefix (the exact layers when nothing else
+        is perturbed)."""
+        names = {k.rsplit(".", 1)[0] for k in self.perturbed(masks)}
+        if self.last_channels(masks) is not None:
+            names.add(self.last.node.name)
+        first = min((self.graph.index(n) for n in names), default=self.graph.index(self.head.name) if self.head
+                    else len(self.graph.nodes) - 1)
+        return self.graph.nodes[first].name
+
+    def loss(self, logits: np.ndarray, y: np.ndarray) -> float:
+        return (cross_entropy if self.config.loss == "float" else integer_loss)(logits, self.graph.output_params, y)
+
+    def gradient(self, weights: dict, masks: dict, x, y, step: int):
+        """(the step's estimate, its seed, the exact gradients' sums: head, last layer). The seed regenerates
+        every perturbation and the rounding noise, so (seed, projected gradients) is the whole ZO update: a
+        fleet device uploads only that (and the exact layers' integer steps)."""
+        cfg, graph = self.config, self.graph
+        start = self.start(masks)
+        cache = graph.prefix(x, until=start, weights=weights, backend=cfg.backend)
+        head = HeadGradient(self.head) if self.head is not None else None
+        channels = self.last_channels(masks)
+        last = LastLayerGradient(self.last, self.head, channels) if channels is not None else None
+
+        def run(env, begin, until, w):
+            return graph.advance(env, begin, until, weights=w, backend=cfg.backend)
+
+        def loss_at(w):
+            if head is None:
+                return self.loss(graph.forward(cache, start=start, weights=w, backend=cfg.backend), y)
+            if last is not None:
+                node = self.last.node
+                at_last = run(cache, start, node.name, w) if start != node.name else dict(cache)
+                a = at_last[node.inputs[0]]
+                after = run(at_last, node.name, self.last.after, w)
+                y_int = after[node.output]
+                at_head = run(after, self.last.after, self.head.name, w)
+            else:
+                at_head = run(cache, start, self.head.name, w) if start != self.head.name else dict(cache)
+            logits = graph.forward(at_head, start=self.head.name, weights=w, backend=cfg.backend)
+            head.add(at_head[self.head.inputs[0]], logits, y, graph.output_params)
+            if last is not None:
+                last.add(a, y_int, logits, y, graph.output_params)
+            return self.loss(logits, y)
+
+        seed = step_seed(cfg.seed, step)
+        perturbed = self.perturbed(masks)
+        if not perturbed:  # exact updates alone: one forward call gives their gradients
+            return Estimate([], [], [loss_at(weights)], 1), seed, (head, last)
+        if self._units[0] is not masks:  # integer steps per unit of eps: once per selection
+            self._units = (masks, perturbation_units(graph, perturbed, cfg.space))
+        est = estimate(loss_at, weights, perturbed, self._units[1], self.limits, step_seed=seed, m=cfg.m,
+                       eps=cfg.eps, distribution=cfg.distribution, method=cfg.estimator, rho=cfg.rho)
+        return est, seed, (head, last)
+
+    def learning_rate(self, step: int) -> float:
+        """The ZO update size of ``step`` for the current selection (after ``gradient`` drew it)."""
+        return step_learning_rate(self.config, step, self.total_steps, self._units[1])
+
+    def exact_learning_rate(self, step: int) -> float:
+        cfg = self.config
+        return learning_rate(cfg.head_lr, cfg.schedule, step, self.total_steps, cfg.warmup_steps)
+
+    def apply_exact(self, weights: dict, exact: tuple, step: int, seed: int) -> None:
+        """The exact layers' steps, in place (after the ZO update of the same step)."""
+        head, last = exact
+        lr, bias = self.exact_learning_rate(step), self.config.train_bias
+        if head is not None:
+            apply_head_step(weights, self.head, head, lr, seed, bias)
+        if last is not None:
+            apply_last_layer_step(weights, last, lr, seed, bias)
+
+    def __call__(self, weights: dict, momentum: dict, masks: dict, x, y, step: int) -> tuple[float, int]:
+        """One step; updates ``weights`` (and ``momentum``) in place. Returns the mean loss of its forward
+        calls and how many it made."""
+        cfg = self.config
+        est, seed, exact = self.gradient(weights, masks, x, y, step)
+        if est.perturbations:
+            weights.update(apply_update(self.graph, weights, est, self.learning_rate(step), cfg.eps, self.limits,
+                                        seed, momentum if cfg.momentum > 0 else None, cfg.momentum))
+        self.apply_exact(weights, exact, step, seed)
+        return float(np.mean(est.losses)), est.forward_calls
