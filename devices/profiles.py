@@ -1,32 +1,42 @@
 """Device profiles: one TOML file each (shipped here, or the user's own ``--device path.toml``).
 
 Profiles are data, not code, so that adding a board is writing a file; every field is checked on load
-so a typo fails with the field's name instead of producing a plan for an imaginary chip.
+(pydantic, strict types, finite numbers) so a typo fails with the field's name instead of producing a plan
+for an imaginary chip.
 """
 from __future__ import annotations
 
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass
 
 PROFILE_DIR = Path(__file__).resolve().parent
+Size = Annotated[int, Field(ge=0)]  # KB; 0 = unlimited
+Rate = Annotated[float, Field(gt=0)]
+Energy = Annotated[float, Field(ge=0)]
+Widths = Annotated[tuple[Literal[8, 16], ...], Field(min_length=1)]
 
 
-@dataclass(frozen=True)
+# strict: sram_kb = true or "256" is refused, not read as 1 or 256; no NaN or infinity anywhere
+@dataclass(frozen=True, config=ConfigDict(strict=True, allow_inf_nan=False, extra="forbid"))
 class Profile:
     name: str
     description: str
-    sram_kb: int  # 0 = unlimited
-    flash_kb: int  # 0 = unlimited
-    weight_bits: tuple[int, ...]
-    activation_bits: tuple[int, ...]
-    accumulator_bits: int
-    macs_per_cycle: int
-    clock_mhz: float
+    sram_kb: Size
+    flash_kb: Size
+    weight_bits: Widths
+    activation_bits: Widths
+    accumulator_bits: Literal[32, 64]
+    macs_per_cycle: Annotated[int, Field(ge=1)]
+    clock_mhz: Rate
     fpu: bool
-    energy_per_mac_pj: float
-    energy_per_byte_pj: float
-    sources: tuple[str, ...]
+    energy_per_mac_pj: Energy
+    energy_per_byte_pj: Energy
+    sources: Annotated[tuple[str, ...], Field(min_length=1)]
 
     @property
     def sram_bytes(self) -> int | None:
@@ -44,25 +54,24 @@ class Profile:
 
 
 def _check(values: dict, origin: str) -> Profile:
-    expected = {f.name: f.type for f in fields(Profile)}
-    missing, unknown = sorted(set(expected) - set(values)), sorted(set(values) - set(expected))
-    if missing or unknown:
-        raise ValueError(f"device profile {origin}: missing fields {missing}, unknown fields {unknown}; "
-                         f"a profile needs exactly {sorted(expected)}")
-    for key in ("weight_bits", "activation_bits", "sources"):
-        if not isinstance(values[key], list) or not values[key]:
-            raise ValueError(f"device profile {origin}: {key} must be a non-empty list")
-        values[key] = tuple(values[key])
-    bad_bits = [b for b in values["weight_bits"] + values["activation_bits"] if b not in (8, 16)]
-    if bad_bits:
-        raise ValueError(f"device profile {origin}: bit widths must be 8 or 16, got {bad_bits}")
-    for key in ("sram_kb", "flash_kb", "macs_per_cycle", "clock_mhz", "energy_per_mac_pj", "energy_per_byte_pj"):
-        if not isinstance(values[key], (int, float)) or values[key] < 0 or (key in ("macs_per_cycle", "clock_mhz")
-                                                                            and values[key] == 0):
-            raise ValueError(f"device profile {origin}: {key} must be a positive number, got {values[key]!r}")
-    if not isinstance(values["fpu"], bool):
-        raise ValueError(f"device profile {origin}: fpu must be true or false")
-    return Profile(**values)
+    """The profile, or one ValueError naming every bad field, its value and what it must be."""
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}  # TOML arrays are lists
+    try:
+        return Profile(**values)
+    except ValidationError as err:
+        problems, seen = [], set()
+        for e in err.errors():
+            field = ".".join(str(p) for p in e["loc"][:1]) or "?"
+            if field in seen:  # one clause per field
+                continue
+            seen.add(field)
+            if e["type"] in ("missing", "missing_argument"):
+                problems.append(f"{field} is missing")
+            elif e["type"] == "unexpected_keyword_argument":
+                problems.append(f"unknown field {field!r}")
+            else:
+                problems.append(f"{field} = {values.get(field)!r}: {e['msg'].lower()}")
+        raise ValueError(f"device profile {origin}: {'; '.join(problems)}") from None
 
 
 def load_profile(name_or_path: str) -> Profile:

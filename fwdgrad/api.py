@@ -62,33 +62,44 @@ def train(model: str | Path | None = None, data: str | Path | None = None, out: 
     """Train ``model`` on ``data`` into the run directory ``out`` (``resume=True`` continues the run there
     from its last checkpoint, to the integers an uninterrupted run ends on). ``config``: a TOML file of
     settings, which keyword settings override."""
-    from .backprop import trainer_for
-    from .rundir import load_graph
-    from .task import prepare_data, prepare_graph
+    from .locks import run_writer
 
     if out is None:
         raise ValueError("say where to write the run: out=DIR (--out DIR)")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file: name a directory for the run")
     given = {k: str(v) for k, v in (("model", model), ("dataset", data)) if v is not None} | settings
     if resume:
         if not (out / "checkpoint" / "state.json").exists():
             raise FileNotFoundError(f"nothing to resume in {out}: no checkpoint/state.json (start it with --out)")
         given = (TrainConfig.read_toml(config) if config else {}) | given  # checked against the run's
         cfg = TrainConfig.from_dict(read_json(out / "config.json", "run configuration") | given)
-        graph = load_graph(out)
-    else:
-        if out.exists() and not out.is_dir():
-            raise NotADirectoryError(f"--out {out} is a file: name a directory for the run")
-        if (out / "checkpoint" / "state.json").exists():
-            raise ValueError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
+    else:  # every setting is checked before the directory is touched
         cfg = TrainConfig.from_toml(config, given) if config else TrainConfig.from_dict(given)
-        graph = None
+    with run_writer(out):
+        _train_locked(cfg, out, resume)
+    return Run(out)
+
+
+def _train_locked(cfg: TrainConfig, out: Path, resume: bool) -> None:
+    """The run itself, while this process holds ``out``."""
+    import shutil
+
+    from .backprop import trainer_for
+    from .rundir import load_graph
+    from .task import prepare_data, prepare_graph
+
+    state = out / "checkpoint" / "state.json"
+    if not resume and state.exists():
+        if read_json(state, "checkpoint").get("step", 0):
+            raise ValueError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
+        shutil.rmtree(out / "checkpoint")  # a run refused or stopped before its first step: start it again
     data_split = prepare_data(cfg)
     for note in data_split.notes:
         _note(note)
-    graph = graph or prepare_graph(cfg, data_split, out)
+    graph = load_graph(out) if resume else prepare_graph(cfg, data_split, out)
     trainer_for(cfg)(graph, data_split, cfg, out).run(resume=resume)
-    return Run(out)
 
 
 def quantize(model: str | Path, data: str | Path, bits: str = "w8a8", out: str | Path | None = None,

@@ -243,28 +243,47 @@ EQUALIZE_HELP = ("per-channel activation equalization before quantizing: all (de
                  "depthwise pairs only: weight integers unchanged), none")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its refusals in fwdgrad's one-line form (exit code 2 as before)."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"fwdgrad: error: {self.prog.removeprefix('fwdgrad ')}: {message}\n")
+
+
+def positive(text: str) -> float:
+    """A finite number > 0 (a width multiplier)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from fwdgrad.cli_flags import add_config_flags
+    from fwdgrad.cli_flags import add_config_flags, count
     from fwdgrad.deploy import OPTIMIZATION_LEVELS
     from quant.calibration import CALIBRATION_METHODS
     from quant.equalize import EQUALIZE_MODES
     from quant.tensor import SCALE_KINDS
 
-    parser = argparse.ArgumentParser(prog="fwdgrad", description=__doc__)
+    parser = Parser(prog="fwdgrad", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help=_cmd_demo.__doc__)
     demo.add_argument("--out", default="demo-out", help="directory for runs, report, plots and the ONNX file")
-    demo.add_argument("--epochs", type=int, default=8, help="forward-gradient epochs")
-    demo.add_argument("--bp-epochs", type=int, default=4, help="backprop reference epochs")
-    demo.add_argument("--samples", type=int, default=2000, help="MNIST images to fine-tune on (as many to test on)")
-    demo.add_argument("--workers", type=int, default=2, help="processes (the ZO and BP runs side by side)")
+    demo.add_argument("--epochs", type=count, default=8, help="forward-gradient epochs")
+    demo.add_argument("--bp-epochs", type=count, default=4, help="backprop reference epochs")
+    demo.add_argument("--samples", type=count, default=2000, help="MNIST images to fine-tune on (as many to test on)")
+    demo.add_argument("--workers", type=count, default=2, help="processes (the ZO and BP runs side by side)")
     demo.set_defaults(run=_cmd_demo)
 
     demo = sub.add_parser("ptq-demo", help=_cmd_ptq_demo.__doc__)
-    demo.add_argument("--resolution", type=int, default=224)
-    demo.add_argument("--images", type=int, default=96, help="evaluation crops")
-    demo.add_argument("--calibration", type=int, default=128, help="calibration crops")
+    demo.add_argument("--resolution", type=count, default=224)
+    demo.add_argument("--images", type=count, default=96, help="evaluation crops")
+    demo.add_argument("--calibration", type=count, default=128, help="calibration crops")
     # fwdgrad.data.photos.PHOTO_SETS, not imported here: that module loads scikit-image and scikit-learn
     demo.add_argument("--photos", default="bundled", choices=["bundled", "debian"],
                       help="evaluation photos: bundled (7 scenes in the installed wheels) or debian (41 other "
@@ -283,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "x_train), reports top-1 on the test split")
     quantize.add_argument("--calibration", help=".npy array of calibration inputs (N, ...), instead of --data")
     quantize.add_argument("--evaluate", help=".npy array of evaluation inputs (default: the calibration data)")
-    quantize.add_argument("--calibration-samples", type=int, default=256,
+    quantize.add_argument("--calibration-samples", type=count, default=256,
                           help="calibration samples (the same default as fwdgrad train)")
     quantize.add_argument("--head", default="auto", choices=["auto", "keep", "probe", "random"],
                           help="with --data: keep the head (auto, when the outputs cover the labels) or fit a new one")
@@ -312,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help=_cmd_compare.__doc__)
     compare.add_argument("--config", required=True, help="grid TOML: [base], [grid] lists, optional [[row]] tables")
     compare.add_argument("--out", required=True, help="report directory (runs/, report.md, results.json, plots)")
-    compare.add_argument("--workers", type=int, default=2, help="parallel training processes")
+    compare.add_argument("--workers", type=count, default=2, help="parallel training processes")
     compare.add_argument("--executor", default="local", choices=["local", "ray"],
                          help="local: worker processes here; ray: one Ray task per run")
     compare.add_argument("--address", help="Ray cluster to submit to (default: a local Ray instance)")
@@ -333,13 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--model", default="mobilenetv2", help="a zoo model or your .onnx file (float or fwdgrad's)")
     plan.add_argument("--data", help="calibration data for a float model file (.npz or image folder; default: "
                                      "synthetic inputs)")
-    plan.add_argument("--width", type=float, default=1.0, help="zoo models: width multiplier")
-    plan.add_argument("--resolution", type=int, help="zoo models: input size (default 96 for mobilenetv2, else "
+    plan.add_argument("--width", type=positive, default=1.0, help="zoo models: width multiplier")
+    plan.add_argument("--resolution", type=count, help="zoo models: input size (default 96 for mobilenetv2, else "
                                                      "the model's own)")
     plan.add_argument("--bits", help="default w8a8 (an integer file: its own)")
     plan.add_argument("--budget", default="64KB", help="trainable bytes (the worst selection within it is planned)")
-    plan.add_argument("--m", type=int, default=4)
-    plan.add_argument("--batch", type=int, default=1, help="samples whose prefix activations are cached")
+    plan.add_argument("--m", type=count, default=4)
+    plan.add_argument("--batch", type=count, default=1, help="samples whose prefix activations are cached")
     plan.add_argument("--no-prefix-cache", action="store_true", help="recompute the prefix in every call instead")
     plan.add_argument("--device", help="one profile only (name or path.toml)")
     plan.add_argument("--json", action="store_true")
@@ -357,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "(default: the engine rebuilt from the file itself)")
     verify.add_argument("--data", help="test data: your .npz or image folder, or a registered set (default: the "
                                        "run's)")
-    verify.add_argument("--samples", type=int, default=1000, help="test images to compare on")
+    verify.add_argument("--samples", type=count, default=1000, help="test images to compare on")
     verify.add_argument("--optimization", default="basic", choices=OPTIMIZATION_LEVELS,
                         help="onnxruntime session: basic (the file's ONNX semantics), all (its default, with "
                              "CPU-specific fusions) or int8 (all, with qdq groups fused into its int8 kernels)")
@@ -382,6 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
             FloatingPointError) as err:  # user mistakes: one line, no traceback
         print(f"fwdgrad: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, a read-only or unreadable path: what failed, where, and what to do
+        where = f" {err.filename}" if err.filename else ""
+        print(f"fwdgrad: error: cannot write or read{where}: {err.strerror or err}; free space or choose a "
+              f"writable --out (nothing half-written was left)", file=sys.stderr)
         return 2
 
 

@@ -39,13 +39,13 @@ def _cmd_fleet(args) -> int:
 
 
 def add_scale_commands(sub) -> None:
-    from fwdgrad.cli_flags import add_config_flags
+    from fwdgrad.cli_flags import add_config_flags, count
 
     tune = sub.add_parser("tune", help=_cmd_tune.__doc__)
     tune.add_argument("--config", required=True, help="study TOML: [base] settings, [search] ranges, optional [tune]")
     tune.add_argument("--out", required=True, help="study directory (study.journal, trials/, tune.json, best.toml)")
-    tune.add_argument("--trials", type=int, help="total trials (default: the file's [tune] trials, else 20)")
-    tune.add_argument("--workers", type=int, default=2, help="trials trained at once")
+    tune.add_argument("--trials", type=count, help="total trials (default: the file's [tune] trials, else 20)")
+    tune.add_argument("--workers", type=count, default=2, help="trials trained at once")
     tune.add_argument("--executor", default="local", choices=["local", "ray"])
     tune.add_argument("--address", help="Ray cluster to submit to (default: a local Ray instance)")
     tune.add_argument("--metric", choices=["final_top1", "best_top1"], help="objective (default final_top1)")
@@ -55,12 +55,12 @@ def add_scale_commands(sub) -> None:
     fleet = sub.add_parser("fleet", help=_cmd_fleet.__doc__)
     fleet.add_argument("--config", help="TOML with a [train] table (training settings) and a [fleet] table")
     fleet.add_argument("--out", required=True, help="directory: fleet.json, report.md, fleet.png, model.onnx")
-    fleet.add_argument("--clients", type=int, help="simulated devices (default 3)")
-    fleet.add_argument("--rounds", type=int, help="communication rounds (default 5)")
+    fleet.add_argument("--clients", type=count, help="simulated devices (default 3)")
+    fleet.add_argument("--rounds", type=count, help="communication rounds (default 5)")
     fleet.add_argument("--local-steps", dest="local_steps", type=int,
                        help="forward-gradient steps per device per round (default: one pass over its data)")
     fleet.add_argument("--split", choices=["labels", "voices", "iid"], help="how data is dealt (default labels)")
     fleet.add_argument("--protocols", nargs="+", choices=["seeds", "weights"], help="default: both")
-    fleet.add_argument("--cpus", type=int, help="Ray CPUs for the simulation (default 2)")
+    fleet.add_argument("--cpus", type=count, help="Ray CPUs for the simulation (default 2)")
     add_config_flags(fleet)
     fleet.set_defaults(run=_cmd_fleet)

@@ -74,18 +74,20 @@ def load_grid(path: str | Path) -> list[RunSpec]:
 def run_one(settings: dict, out: str) -> dict:
     """Train one configuration into ``out``: reuse it if finished, resume it if killed."""
     from .backprop import trainer_for
-    from .task import prepare_data, prepare_graph
+    from .locks import run_writer
     from .rundir import load_graph
+    from .task import prepare_data, prepare_graph
 
     out = Path(out)
     cfg = TrainConfig.from_dict(settings)
-    summary = finished_summary(settings, out)
-    if summary is not None:
-        return summary
-    resume = (out / "checkpoint" / "state.json").exists()
-    data = prepare_data(cfg)
-    graph = load_graph(out) if resume else prepare_graph(cfg, data, out)
-    return trainer_for(cfg)(graph, data, cfg, out).run(resume=resume)
+    with run_writer(out):
+        summary = finished_summary(settings, out)
+        if summary is not None:
+            return summary
+        resume = (out / "checkpoint" / "state.json").exists()
+        data = prepare_data(cfg)
+        graph = load_graph(out) if resume else prepare_graph(cfg, data, out)
+        return trainer_for(cfg)(graph, data, cfg, out).run(resume=resume)
 
 
 def finished_summary(settings: dict, out: str | Path) -> dict | None:

@@ -102,7 +102,11 @@ class TrainConfig:
     loss: Literal["float", "integer"] = "float"  # integer: Q.16 lookup-table cross-entropy (no FPU)
 
     def __post_init__(self):
-        if parse_bytes(self.budget) < 1:
+        try:
+            size = parse_bytes(self.budget)
+        except ValueError as err:
+            raise ValueError(f"budget = {self.budget!r}: {err}") from None
+        if size < 1:
             raise ValueError(f"budget = {self.budget!r}: must hold at least one byte, e.g. 8KB")
         self._check_model()
         self._check_dataset()

@@ -16,7 +16,6 @@ Everything is seeded: devices' step seeds derive from (seed, device), their batc
 from __future__ import annotations
 
 import logging
-import pickle
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,13 +23,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from quant.serialize import rebuild
+
 from .config import TrainConfig, read_settings_file
 from .exchange import (PROTOCOLS, SeedSteps, as_sent, average_values, fold_exact, payload_bytes, replay,
                        set_values, trained_values)
 from .partition import SPLITS, client_indices
 from .perturb import perturbation_units, selection_masks
 from .data.split import TrainData
-from .rundir import atomic_write_json, weights_digest
+from .rundir import atomic_write_bytes, atomic_write_json, npz_bytes, read_json, read_npz, save_graph, weights_digest
 from .trainer import Trainer, evaluate
 from .update import apply_update
 
@@ -148,6 +149,23 @@ def fold_seeds(zo, weights: dict, masks: dict, aggregate: dict, first_step: int,
     return fold_exact(weights, steps, zo.limits)
 
 
+def write_setup(folder: Path, graph, values: dict, clients: list) -> None:
+    """What every device needs, as data (the graph's description, JSON, .npz): nothing a device reads can
+    run code."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_graph(folder, graph)
+    atomic_write_bytes(folder / "clients.npz", npz_bytes({f"{kind}{k}": v for k, (x, y) in enumerate(clients)
+                                                          for kind, v in (("x", x), ("y", y))}))
+    atomic_write_json(folder / "setup.json", values | {"clients": len(clients)})
+
+
+def read_setup(folder: Path) -> dict:
+    values = read_json(folder / "setup.json", "fleet setup")
+    arrays = read_npz(folder / "clients.npz", "fleet setup")
+    return values | {"graph": rebuild(read_json(folder / "graph.json", "fleet setup"), read_npz(folder / "graph.npz")),
+                     "clients": [(arrays[f"x{k}"], arrays[f"y{k}"]) for k in range(values["clients"])]}
+
+
 _SETUPS: dict[str, dict] = {}
 _DEVICES: dict[tuple[str, int], Device] = {}
 
@@ -155,8 +173,7 @@ _DEVICES: dict[tuple[str, int], Device] = {}
 def _device(setup_path: str, k: int) -> Device:
     """One Device per (fleet, device) per actor process: data and compiled kernels stay warm across rounds."""
     if setup_path not in _SETUPS:
-        with open(setup_path, "rb") as f:
-            _SETUPS[setup_path] = pickle.load(f)
+        _SETUPS[setup_path] = read_setup(Path(setup_path))
     if (setup_path, k) not in _DEVICES:
         _DEVICES[(setup_path, k)] = Device(_SETUPS[setup_path], k)
     return _DEVICES[(setup_path, k)]
@@ -351,11 +368,10 @@ def run_fleet(cfg: TrainConfig, fleet: FleetConfig, out: str | Path) -> dict:
     local_steps = fleet.local_steps or -(-min(len(p) for p in parts) // cfg.batch_size)
     sampler = Trainer(graph, data, cfg, out).sampler()
     selections = [sampler.select(round_) for round_ in range(fleet.rounds)]  # period = round
-    setup_path = out / "fleet-setup.pkl"
-    setup = {"graph": graph, "config": cfg.to_dict(), "dir": str(out), "local_steps": local_steps,
-             "total_steps": fleet.rounds * local_steps,
-             "clients": [(data.x_train[p], data.y_train[p]) for p in parts]}
-    setup_path.write_bytes(pickle.dumps(setup))
+    setup_path = out / "fleet-setup"
+    write_setup(setup_path, graph, {"config": cfg.to_dict(), "dir": str(out), "local_steps": local_steps,
+                                    "total_steps": fleet.rounds * local_steps},
+                [(data.x_train[p], data.y_train[p]) for p in parts])
     plan = Plan(graph, cfg, fleet, data, selections, str(setup_path.resolve()), local_steps)
     ray = import_ray()
     if ray.is_initialized():

@@ -128,6 +128,7 @@ class Trainer:
         self.check_device()
         self.ckpt.mkdir(parents=True, exist_ok=True)
         sources = cfg.source_fingerprints()
+        sampler = self.sampler()  # a budget it cannot fill is refused before any checkpoint exists
         if resume:
             state, weights, momentum = self.load()
             if state["config_digest"] != cfg.digest():
@@ -147,7 +148,6 @@ class Trainer:
                      "integer_zero_shot_top1": self.deployed_top1(weights, zero_top1), "sources": sources}
             (self.out / "metrics.jsonl").write_text("")
             self.save(state, weights, momentum)
-        sampler = self.sampler()
         self.report_budget(sampler)
         if "selection" in state:  # resuming inside a selection period: keep that period's channels
             period = state["period"]

@@ -100,3 +100,56 @@ def serve_residual_net(monkeypatch, residual_net, train: int, test_end: int):
 
     monkeypatch.setattr(fwdgrad.task, "prepare_graph", prepare_graph)
     return x, y, proto
+
+
+def user_files(root):
+    """Writes into ``root`` what a user has: user.onnx (a float CNN on 1x16x16 images with a depthwise conv, a
+    residual Add, ReLU6, MaxPool, ReduceMean and a Gemm head, exported with a fixed batch of 1), data.npz
+    (float64 inputs, int labels), images/ (train/ and test/ class folders of PNGs). Returns ``root``."""
+    import warnings
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from torch import nn
+
+    class UserCNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6())
+            self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU())
+            self.pw = nn.Conv2d(8, 8, 1)
+            self.pool = nn.MaxPool2d(2)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            x = self.stem(x)
+            x = torch.relu(x + self.pw(self.dw(x)))
+            return self.fc(self.pool(x).mean(dim=(2, 3)))
+
+    digits = load_digits()
+    x = nn.functional.interpolate(torch.tensor(digits.images[:, None] / 16.0, dtype=torch.float32), size=16,
+                                  mode="bilinear").numpy()
+    y = digits.target
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    net = UserCNN()
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    for _ in range(10):
+        for i in range(0, 1200, 40):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(torch.tensor(x[i:i + 40])), torch.tensor(y[i:i + 40])).backward()
+            opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(net.eval(), torch.zeros(1, 1, 16, 16), root / "user.onnx", input_names=["image"],
+                          output_names=["scores"], dynamo=False, opset_version=17)
+    xs = x.astype(np.float64)
+    np.savez(root / "data.npz", x_train=xs[1200:1500], y_train=y[1200:1500], x_test=xs[1500:1650], y_test=y[1500:1650])
+    for split, part in (("train", slice(1200, 1400)), ("test", slice(1500, 1600))):
+        for i, (image, label) in enumerate(zip(x[part], y[part])):
+            folder = root / "images" / split / f"class-{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((image[0] * 255).astype(np.uint8)).resize((24, 24)).save(folder / f"{i}.png")
+    return root

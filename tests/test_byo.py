@@ -12,10 +12,11 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 
 import numpy as np
 import pytest
+
+from tests.conftest import user_files
 
 TRAIN = ["--epochs", "1", "--batch-size", "50", "--bits", "w16a8", "--m", "2", "--rgn-samples", "64"]
 
@@ -37,53 +38,7 @@ def summary_of(result) -> dict:
 
 @pytest.fixture(scope="module")
 def user(tmp_path_factory):
-    """user.onnx (float, fixed batch 1), data.npz (float64 inputs, int labels), images/ (train/ and test/
-    class folders of PNGs) in one directory, as a user would have them."""
-    import torch
-    from PIL import Image
-    from sklearn.datasets import load_digits
-    from torch import nn
-
-    class UserCNN(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6())
-            self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU())
-            self.pw = nn.Conv2d(8, 8, 1)
-            self.pool = nn.MaxPool2d(2)
-            self.fc = nn.Linear(8, 10)
-
-        def forward(self, x):
-            x = self.stem(x)
-            x = torch.relu(x + self.pw(self.dw(x)))
-            return self.fc(self.pool(x).mean(dim=(2, 3)))
-
-    root = tmp_path_factory.mktemp("user")
-    digits = load_digits()
-    x = nn.functional.interpolate(torch.tensor(digits.images[:, None] / 16.0, dtype=torch.float32), size=16,
-                                  mode="bilinear").numpy()
-    y = digits.target
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    net = UserCNN()
-    opt = torch.optim.Adam(net.parameters(), 1e-2)
-    for _ in range(10):
-        for i in range(0, 1200, 40):
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(torch.tensor(x[i:i + 40])), torch.tensor(y[i:i + 40])).backward()
-            opt.step()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(net.eval(), torch.zeros(1, 1, 16, 16), root / "user.onnx", input_names=["image"],
-                          output_names=["scores"], dynamo=False, opset_version=17)
-    xs = x.astype(np.float64)
-    np.savez(root / "data.npz", x_train=xs[1200:1500], y_train=y[1200:1500], x_test=xs[1500:1650], y_test=y[1500:1650])
-    for split, part in (("train", slice(1200, 1400)), ("test", slice(1500, 1600))):
-        for i, (image, label) in enumerate(zip(x[part], y[part])):
-            folder = root / "images" / split / f"class-{label}"
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray((image[0] * 255).astype(np.uint8)).resize((24, 24)).save(folder / f"{i}.png")
-    return root
+    return user_files(tmp_path_factory.mktemp("user"))
 
 
 def test_the_journey_from_a_float_file_to_a_verified_trained_file(user):

@@ -1,5 +1,6 @@
 """Device profiles, the memory planner and the refusal of runs that do not fit."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -46,11 +47,17 @@ def test_shipped_profiles_cover_the_device_classes():
 def test_bad_profiles_are_explained(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text(TINY_MCU.replace("sram_kb", "ram_kb"))
-    with pytest.raises(ValueError, match=r"missing fields \['sram_kb'\], unknown fields \['ram_kb'\]"):
+    with pytest.raises(ValueError, match=r"sram_kb is missing; unknown field 'ram_kb'"):
         load_profile(str(path))
     path.write_text(TINY_MCU.replace("weight_bits = [8, 16]", "weight_bits = [4]"))
-    with pytest.raises(ValueError, match="bit widths must be 8 or 16"):
+    with pytest.raises(ValueError, match=r"weight_bits = \(4,\): input should be 8 or 16"):
         load_profile(str(path))
+    for value, message in (("nan", "sram_kb = nan: input should be a valid integer"),
+                           ("true", "sram_kb = True: input should be a valid integer"),
+                           ("-4", "sram_kb = -4: input should be greater than or equal to 0")):
+        path.write_text(re.sub(r"sram_kb = \S+", f"sram_kb = {value}", TINY_MCU))
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_profile(str(path))
     with pytest.raises(ValueError, match="unknown device 'm4'.*cortex-m4"):
         load_profile("m4")
 

@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..filelock import exclusive
+from ..locks import exclusive
 from .base import Dataset, cache_dir
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

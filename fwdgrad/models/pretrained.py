@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.base import cache_dir
-from ..filelock import exclusive
+from ..locks import exclusive
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from ..filelock import exclusive
+from ..locks import exclusive
 
 if TYPE_CHECKING:  # torch loads only when a model is built: the catalogue is read without it
     import torch

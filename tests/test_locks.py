@@ -3,7 +3,7 @@ import multiprocessing
 import time
 from pathlib import Path
 
-from fwdgrad.filelock import exclusive
+from fwdgrad.locks import exclusive
 
 
 def _build_if_missing(target: str, log: str) -> None:
