@@ -175,6 +175,11 @@ def plan(graph: QGraph, sample_shape: tuple, profile: Profile, training: Trainin
     suffix_macs = sum(macs[first:])
     zo_macs = ((forward - suffix_macs) + 2 * training.m * suffix_macs if training.cache_prefix
                else 2 * training.m * forward)
+    for i, name in enumerate(training.exact_layers):  # the exact updates' products, over the 2m calls: the
+        node = graph.node(name)  # head's error x features; below it, error x head weights and x L's input
+        positions = int(np.prod(by_name[node.output].elements)) // node.weight.shape[0]
+        zo_macs += 2 * training.m * (node.weight.size * positions + (graph.node(training.exact_layers[0]).weight.size
+                                                                     if i else 0))
     bp_macs = forward + 2 * suffix_macs
     moved = sum(t.size for t in tensors) + weight_bytes(graph)  # bytes one forward reads and writes, roughly
     suffix_share = suffix_macs / forward if forward else 1.0

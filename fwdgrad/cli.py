@@ -8,12 +8,12 @@ from pathlib import Path
 
 
 def _cmd_demo(args) -> int:
-    """The main job: quantize a pretrained model w16a8, fine-tune it with forward gradients within a 256 KB
-    MCU's memory, run backprop on the same channels, export to ONNX and verify it in onnxruntime."""
+    """The main job: quantize a pretrained model w16a8, fine-tune it with forward calls only within a 256 KB
+    MCU's memory (pure ZO and the hybrid), run backprop on the same channels and schedule, export to ONNX
+    and verify it in onnxruntime."""
     from fwdgrad.demo import format_demo, run_demo
 
-    summary = run_demo(args.out, epochs=args.epochs, bp_epochs=args.bp_epochs, samples=args.samples,
-                       workers=args.workers)
+    summary = run_demo(args.out, epochs=args.epochs, samples=args.samples, workers=args.workers)
     print(format_demo(summary))
     print(f"report, plots and runs in {args.out}/ (report.md, accuracy_vs_epoch.png, memory.png, demo.json)")
     return 0
@@ -274,8 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help=_cmd_demo.__doc__)
     demo.add_argument("--out", default="demo-out", help="directory for runs, report, plots and the ONNX file")
-    demo.add_argument("--epochs", type=count, default=8, help="forward-gradient epochs")
-    demo.add_argument("--bp-epochs", type=count, default=4, help="backprop reference epochs")
+    demo.add_argument("--epochs", type=count, default=8, help="epochs of every run (one schedule for all)")
     demo.add_argument("--samples", type=count, default=2000, help="MNIST images to fine-tune on (as many to test on)")
     demo.add_argument("--workers", type=count, default=2, help="processes (the ZO and BP runs side by side)")
     demo.set_defaults(run=_cmd_demo)

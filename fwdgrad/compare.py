@@ -199,20 +199,33 @@ def integer(summary: dict, which: str) -> float:
     return summary.get(key, summary[f"{which}_top1"])
 
 
-def planned_memory(run_dir: str) -> dict:
-    """Planned peak bytes of ZO training, backprop and inference for a finished run's last selection."""
+def planned_memory(run_dir: str, device: str | None = None) -> dict:
+    """What a finished run costs on a device (its own ``device`` profile, or ``device``): the planned peak
+    bytes of ZO training, backprop and inference for its last selection at batch 1, and the estimated
+    seconds and joules of all its steps at its own batch size (forward-gradient steps for a ZO run, with
+    its exact updates; backprop steps for a BP run)."""
     from devices.planner import plan, selection_shape
     from devices.profiles import load_profile
 
     from .rundir import load_checkpoint, load_graph
+    from .zo_step import exact_layers
 
     cfg = TrainConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
     graph = load_graph(run_dir)
     state, _, _ = load_checkpoint(run_dir)
     selection = {k: np.array(v) for k, v in state["selection"].items()}
-    shape = selection_shape(graph, selection, m=cfg.m, batch=1, momentum=cfg.momentum > 0, bias=cfg.train_bias)
-    result = plan(graph, tuple(graph.metadata["input_shape"][1:]), load_profile(cfg.device), shape)
-    return {"zo": result.zo_peak, "bp": result.bp_peak, "inference": result.inference_peak}
+    sample, profile = tuple(graph.metadata["input_shape"][1:]), load_profile(device or cfg.device)
+    head, last = exact_layers(graph, cfg.head_update) if cfg.method == "zo" else (None, None)
+    exact = tuple(n.name for n in (head, last.node if last else None) if n is not None)
+    shapes = {batch: selection_shape(graph, selection, m=cfg.m, batch=batch, momentum=cfg.momentum > 0,
+                                     bias=cfg.train_bias) for batch in (1, cfg.batch_size)}
+    for shape in shapes.values():
+        shape.exact_layers = exact
+    memory, cost = plan(graph, sample, profile, shapes[1]), plan(graph, sample, profile, shapes[cfg.batch_size])
+    kind = "zo" if cfg.method == "zo" else "bp"
+    return {"zo": memory.zo_peak, "bp": memory.bp_peak, "inference": memory.inference_peak,
+            "device": profile.name, "train_seconds": getattr(cost, f"{kind}_step_seconds") * state["step"],
+            "train_joules": getattr(cost, f"{kind}_step_joules") * state["step"]}
 
 
 def _plot_memory(memory: dict, path: Path) -> None:

@@ -5,6 +5,8 @@ TraDy (arXiv 2510.19675), "D-TopK Random": rank layers once by reweighted gradie
 97% of the total, then every epoch draw input channels of those layers uniformly at random until the memory
 budget is full. The baselines of the paper are here under their names; ``d-det-rgn`` is the oracle that
 recomputes gradients every epoch (it needs the PyTorch twin, so it is a reference, not a device method).
+Layers whose gradients are exact (``fwdgrad.head``, ``fwdgrad.last_layer``) come first: the head whole,
+then the last layer's channels, drawn the same way, then the rest of the budget as the method says.
 """
 from __future__ import annotations
 
@@ -86,6 +88,7 @@ class ChannelSampler:
     rgn: dict[str, np.ndarray] | None = None
     train_bias: bool = False  # a layer's first channel also brings its bias into the budget
     reserved: list[str] = field(default_factory=list)  # layers every selection trains whole (an exact head)
+    preferred: list[str] = field(default_factory=list)  # layers whose channels are drawn first (exact updates)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -111,7 +114,7 @@ class ChannelSampler:
         if self.method == "last-layer":
             return [self.graph.weighted_nodes()[-1].name]
         if self.method in ("trady", "s-topk-random"):
-            return list(self.preselected)
+            return list(dict.fromkeys(list(self.preselected) + list(self.preferred)))
         return [n.name for n in self.graph.weighted_nodes()]
 
     def available_bytes(self) -> int:
@@ -126,11 +129,13 @@ class ChannelSampler:
         return [(name, c) for name in layers for c in range(input_channels(self.graph.node(name)))]
 
     def _fill(self, ordered: list[tuple[str, int]]) -> Selection:
-        """Take the reserved layers whole, then channels in order while they fit the budget (skipping ones
-        that do not)."""
+        """Take the reserved layers whole, then the preferred layers' channels in their order, then the
+        others in theirs, while they fit the budget (skipping ones that do not)."""
         chosen: dict[str, list[int]] = {}
         left = self.budget_bytes
-        ordered = self._pool(self.reserved) + [nc for nc in ordered if nc[0] not in self.reserved]
+        rest = [nc for nc in ordered if nc[0] not in self.reserved]
+        ordered = (self._pool(self.reserved) + [nc for nc in rest if nc[0] in self.preferred]
+                   + [nc for nc in rest if nc[0] not in self.preferred])
         sizes = {n.name: channel_bytes(n) for n in self.graph.weighted_nodes()}
         entry = {n.name: bias_bytes(n) if self.train_bias else 0 for n in self.graph.weighted_nodes()}
         for name, c in ordered:
@@ -157,7 +162,7 @@ class ChannelSampler:
             scores = rgn_now if (self.method == "d-det-rgn" and rgn_now is not None) else self.rgn
             pool = self._pool(all_layers)
             return self._fill(sorted(pool, key=lambda nc: -scores[nc[0]][nc[1]]))
-        layers = self.preselected if self.method in ("trady", "s-topk-random") else all_layers
+        layers = self.layers() if self.method in ("trady", "s-topk-random") else all_layers
         pool = self._pool(layers)
         draw = 0 if self.method in STATIC else period
         rng = np.random.default_rng([self.seed, 0x5E1EC7, draw])

