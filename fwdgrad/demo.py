@@ -6,7 +6,7 @@ loss is the integer one), where it meets new data (MNIST digits) with a weak hea
 labelled images). It fine-tunes with forward calls only, on TraDy channels under a budget the device holds:
 pure forward gradients (the paper's method), and the hybrid (the exact head and last-layer updates the
 forward calls already give, ZO on the other channels); backprop on the same selection, data order and
-schedule says what was given up. Each row says its planned device memory and what the run would cost on
+schedule, plain float32 and quantization-aware (fake-quant), says what was given up. Each row says its planned device memory and what the run would cost on
 the MCU (``devices.planner``); the hybrid's integers are exported to ONNX and onnxruntime must agree with
 the engine. The runs are a `fwdgrad compare` grid, so the report, plots and reuse of finished runs come
 from there.
@@ -28,11 +28,13 @@ TASK = dict(model="small-cnn", dataset="mnist", bits="w16a8", selection="trady",
 PURE_ZO = dict(method="zo", head_update="zo", lr=3.0)  # the paper's method: every selected channel perturbed
 HYBRID = dict(method="zo", head_update="auto", lr=0.3)  # exact head (and last layer), ZO on the other channels
 BP = dict(method="bp", device="host", bp_lr=0.02)  # on the host: float32 backprop needs the FPU this MCU lacks
-ROWS = (("ZO forward gradients (pure)", PURE_ZO), ("forward-only hybrid", HYBRID), ("BP reference (fp32)", BP))
+BP_FQ = BP | {"method": "bp-fq"}  # backprop through the integer grids: the strongest like-for-like reference
+ROWS = (("ZO forward gradients (pure)", PURE_ZO), ("forward-only hybrid", HYBRID), ("BP reference (fp32)", BP),
+        ("BP reference (fake-quant)", BP_FQ))
 
 
 def demo_runs(epochs: int, samples: int) -> list[RunSpec]:
-    """The three runs, on one task and one schedule (the same batch, steps, data order)."""
+    """The runs, on one task and one schedule (the same batch, steps, data order)."""
     task = TASK | {"train_samples": samples, "test_samples": samples, "epochs": epochs}
     return [RunSpec(name, task | settings) for name, settings in ROWS]
 
