@@ -208,11 +208,21 @@ def probes(work: Path) -> list[dict]:
 
 
 def _tiny_filesystem(work: Path) -> str | None:
-    """A 64 KB tmpfs to fill (needs mount rights; None where there are none)."""
+    """A 64 KB tmpfs, filled to the last byte (a tiny run would fit in 64 KB; needs mount rights; None where
+    there are none)."""
     target = work / "full"
     target.mkdir(exist_ok=True)
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(target)], capture_output=True)
-    return str(target) if done.returncode == 0 else None
+    if done.returncode != 0:
+        return None
+    try:
+        with open(target / "filler", "wb") as filler:
+            while True:
+                filler.write(b"x" * 1024)
+                filler.flush()
+    except OSError:
+        pass
+    return str(target)
 
 
 def page(rows: list[dict]) -> str:
