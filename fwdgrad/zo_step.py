@@ -113,17 +113,19 @@ class ZOStep:
         fleet device uploads only that (and the exact layers' integer steps)."""
         cfg, graph = self.config, self.graph
         start = self.start(masks)
-        cache = graph.prefix(x, until=start, weights=weights, backend=cfg.backend)
+        varying = frozenset(masks)  # all else stays as it is for the selection period (prepacked by onnxruntime)
+        cache = graph.prefix(x, until=start, weights=weights, backend=cfg.backend, varying=varying)
         head = HeadGradient(self.head) if self.head is not None else None
         channels = self.last_channels(masks)
         last = LastLayerGradient(self.last, self.head, channels) if channels is not None else None
 
         def run(env, begin, until, w):
-            return graph.advance(env, begin, until, weights=w, backend=cfg.backend)
+            return graph.advance(env, begin, until, weights=w, backend=cfg.backend, varying=varying)
 
         def loss_at(w):
             if head is None:
-                return self.loss(graph.forward(cache, start=start, weights=w, backend=cfg.backend), y)
+                return self.loss(graph.forward(cache, start=start, weights=w, backend=cfg.backend, varying=varying),
+                                 y)
             if last is not None:
                 node = self.last.node
                 at_last = run(cache, start, node.name, w) if start != node.name else dict(cache)
@@ -133,7 +135,7 @@ class ZOStep:
                 at_head = run(after, self.last.after, self.head.name, w)
             else:
                 at_head = run(cache, start, self.head.name, w) if start != self.head.name else dict(cache)
-            logits = graph.forward(at_head, start=self.head.name, weights=w, backend=cfg.backend)
+            logits = graph.forward(at_head, start=self.head.name, weights=w, backend=cfg.backend, varying=varying)
             head.add(at_head[self.head.inputs[0]], logits, y, graph.output_params)
             if last is not None:
                 last.add(a, y_int, logits, y, graph.output_params)

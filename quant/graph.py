@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backends import get_backend
+from .backends import get_backend, segment_runner
 from .fixedpoint import check_rounding
 from .ops.base import Node, WeightedNode
 from .tensor import QParams, dequantize, quantize
@@ -102,22 +102,25 @@ class QGraph:
         return env
 
     def prefix(self, x: np.ndarray, until: str, *, weights: dict | None = None, backend="numba",
-               rounding: str | None = None) -> dict:
+               rounding: str | None = None, varying: frozenset | None = None) -> dict:
         """Run the nodes before ``until`` (with ``weights`` replacing stored ones, e.g. layers trained in an
         earlier selection period) and return the tensors still live there (a cache for forward)."""
         env = {self.input_name: self.quantize_input(x)}
-        return self._execute(env, 0, self.index(until), backend, weights, rounding or self.rounding)
+        return self._execute(env, 0, self.index(until), backend, weights, rounding or self.rounding, varying)
 
     def advance(self, cache: dict, start: str, until: str, *, weights: dict | None = None, backend="numba",
-                rounding: str | None = None) -> dict:
+                rounding: str | None = None, varying: frozenset | None = None) -> dict:
         """Run the nodes from ``start`` up to (not including) ``until`` on a ``prefix`` cache and return the
         tensors live there: the cache at ``until`` (what a trainer reads the head's input features from)."""
         rounding = check_rounding(rounding or self.rounding)
-        return self._execute(dict(cache), self.index(start), self.index(until), backend, weights, rounding)
+        return self._execute(dict(cache), self.index(start), self.index(until), backend, weights, rounding,
+                             varying)
 
     def forward(self, x, *, weights: dict | None = None, start: str | None = None, backend="numba",
-                rounding: str | None = None) -> np.ndarray:
-        """Integer output for input ``x`` (float array, integer array, or with ``start`` a ``prefix`` cache)."""
+                rounding: str | None = None, varying: frozenset | None = None) -> np.ndarray:
+        """Integer output for input ``x`` (float array, integer array, or with ``start`` a ``prefix`` cache).
+        ``varying``: the weight keys that change from call to call (a trainer's selection); a segment backend
+        keeps every other layer's ``weights`` fixed in its session, so name every key that may change."""
         rounding = check_rounding(rounding or self.rounding)
         if start is None:
             env, first = {self.input_name: self.quantize_input(x)}, 0
@@ -125,14 +128,14 @@ class QGraph:
             if not isinstance(x, dict):
                 raise TypeError("with start=, pass the dict returned by graph.prefix(x, until=start)")
             env, first = dict(x), self.index(start)
-        return self._execute(env, first, len(self.nodes), backend, weights, rounding)[self.output_name]
+        return self._execute(env, first, len(self.nodes), backend, weights, rounding, varying)[self.output_name]
 
-    def _execute(self, env: dict, first: int, last: int, backend, weights: dict | None, rounding: str) -> dict:
+    def _execute(self, env: dict, first: int, last: int, backend, weights: dict | None, rounding: str,
+                 varying: frozenset | None = None) -> dict:
         """Nodes [first, last) on a backend: kernel by kernel, or (onnxruntime) as one exported segment."""
-        if backend == "onnxruntime":
-            from .backends.onnxruntime_backend import run_segment
-
-            return run_segment(self, env, first, last, weights, rounding)
+        run_segment = segment_runner(backend)
+        if run_segment is not None:
+            return run_segment(self, env, first, last, weights, rounding, varying)
         return self.run_nodes(env, first, last, get_backend(backend), weights, rounding)
 
     def forward_float(self, x, **kwargs) -> np.ndarray:

@@ -316,6 +316,24 @@ def test_onnxruntime_backend_prefix_and_suffix_are_numbas(graphs, residual_net, 
 
 
 @pytest.mark.parametrize("bits", ["w8a8", "w16a8"])
+def test_onnxruntime_backend_bakes_the_layers_that_do_not_vary(graphs, residual_net, bits):
+    """Only ``varying`` layers are session inputs; the others are initializers of their current integers.
+    A new array for a baked layer (a trainer's next selection period) gets a new session, never a stale one."""
+    _, x, _, _ = residual_net
+    graph = graphs[bits]
+    layers = graph.weighted_nodes()
+    varying = frozenset({layers[-1].weight_key, layers[-1].bias_key})
+    for seed in (1, 2):  # two weight sets: the baked layers' arrays differ, so do the sessions
+        weights = perturbed(graph, seed=seed)
+        for s in (3, 4):  # the varying layer moves from call to call within one session
+            weights = weights | {layers[-1].weight_key: perturbed(graph, seed=s)[layers[-1].weight_key]}
+            theirs = graph.forward(x[:32], weights=weights, backend="onnxruntime", varying=varying)
+            assert np.array_equal(theirs, graph.forward(x[:32], weights=weights))
+    model = export_segment(graph, 0, len(graph.nodes), {graph.input_name: (1,) + x.shape[1:]}, varying=varying)
+    assert {i.name for i in model.graph.input} == {graph.input_name} | varying
+
+
+@pytest.mark.parametrize("bits", ["w8a8", "w16a8"])
 def test_training_on_onnxruntime_ends_on_numbas_integers(residual_net, graphs, tmp_path, monkeypatch, bits):
     monkeypatch.setenv("FWDGRAD_CACHE", str(tmp_path / "cache"))
     _, x, y, _ = residual_net

@@ -21,12 +21,13 @@ and bias a graph input (the onnxruntime backend runs the trainer's prefix and su
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnx
 from onnx import helper
 
 from ..backends import get_backend
-from ..graph import QGraph
 from ..ops import WeightedNode
 from ..tensor import scales_kind
 
@@ -34,6 +35,9 @@ from . import qdq, qop
 from .builder import ONNX_TYPES, Builder, ExportError
 from .embedded import embedding
 from .operands import Weights
+
+if TYPE_CHECKING:  # the graph knows exporters by name only (quant.backends): no import back
+    from ..graph import QGraph
 
 FORMATS = ("qop", "qdq")
 QOP_OPSET, WIDE_QDQ_OPSET = 13, 21
@@ -139,12 +143,14 @@ def export(graph: QGraph, sample_shape: tuple, fmt: str = "qop", weights: dict |
 
 
 def export_segment(graph: QGraph, first: int, last: int, live_shapes: dict[str, tuple],
-                   fmt: str = "qop") -> onnx.ModelProto:
+                   fmt: str = "qop", *, varying: frozenset | None = None,
+                   weights: dict | None = None) -> onnx.ModelProto:
     """Nodes [first, last) as a model from integers to integers.
 
     Inputs: the tensors live at ``first`` (engine names and types, shapes ``live_shapes`` with a free
     batch); for ``qop`` then ``<node>.weight`` / ``<node>.bias`` of each layer in the segment, so that one
-    session serves every weight set (the onnxruntime backend). ``qdq`` keeps the graph's weights as
+    session serves every weight set (the onnxruntime backend); with ``varying`` (weight keys), only of the
+    layers it names, the others initializers holding ``weights`` (over the stored ones). ``qdq`` keeps the graph's weights as
     constants: it serves to compare the runtime's float arithmetic with the engine's one node at a time.
     Outputs: the tensors live at ``last`` that the segment produces (the graph output when ``last`` is the
     end), as integers."""
@@ -159,7 +165,7 @@ def export_segment(graph: QGraph, first: int, last: int, live_shapes: dict[str, 
         names[t] = b.input(t, graph.params_of(t).dtype, ["N", *live_shapes[t][1:]])
         if fmt == "qdq":
             names[t] = b.dequantize(names[t], graph.params_of(t), t)
-    _lower(b, graph, fmt, first, last, names, Weights(as_inputs=fmt == "qop"))
+    _lower(b, graph, fmt, first, last, names, Weights(weights or {}, as_inputs=fmt == "qop", input_keys=varying))
     produced = {n.output for n in nodes}
     outputs = []
     for t in live_tensors(graph, last) if last < len(graph.nodes) else [graph.output_name]:

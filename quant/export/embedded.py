@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..graph import QGraph
 from ..serialize import GraphFormatError, describe, rebuild
+
+if TYPE_CHECKING:
+    from ..graph import QGraph
 
 GRAPH_KEY, ARRAYS_KEY, DIGEST_KEY = "fwdgrad_graph", "fwdgrad_arrays", "fwdgrad_initializers_sha256"
 

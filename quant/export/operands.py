@@ -1,7 +1,8 @@
 """Weights and biases of a layer as ONNX tensors: initializers holding the integers, or graph inputs.
 
-Graph inputs are what the onnxruntime backend uses: one session then serves every perturbed and updated
-weight set, the way a device would keep re-running its deployed inference graph with new weights.
+Graph inputs are what the onnxruntime backend uses for the layers a trainer varies: one session then serves
+every perturbed and updated weight set, the way a device would keep re-running its deployed inference graph
+with new weights; the layers it leaves alone stay initializers, which onnxruntime prepacks once.
 """
 from __future__ import annotations
 
@@ -17,15 +18,21 @@ from .builder import Builder
 @dataclass
 class Weights:
     """Where the weights of the exported graph come from: ``replacements`` (key -> integers, as the trainer
-    keeps them) over the graph's stored ones, as initializers, or all as graph inputs."""
+    keeps them) over the graph's stored ones, as initializers, or as graph inputs: with ``as_inputs``, the
+    layers whose weight or bias key is in ``input_keys`` (every layer when it is None)."""
 
     replacements: dict = field(default_factory=dict)
     as_inputs: bool = False
+    input_keys: frozenset | None = None
+
+    def is_input(self, node: WeightedNode) -> bool:
+        return self.as_inputs and (self.input_keys is None or node.weight_key in self.input_keys
+                                   or node.bias_key in self.input_keys)
 
     def tensors(self, b: Builder, node: WeightedNode) -> tuple[str | np.ndarray, str]:
         """(weight, bias): the weight as an array to lay out (initializers) or a graph input name; the
         bias as an ONNX name either way, in its stored integer type."""
-        if self.as_inputs:
+        if self.is_input(node):
             return (b.input(node.weight_key, node.weight.dtype, node.weight.shape),
                     b.input(node.bias_key, node.bias.dtype, node.bias.shape))
         weight, bias = node.weights_from(self.replacements)
