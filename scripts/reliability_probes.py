@@ -132,12 +132,14 @@ def probes(work: Path) -> list[dict]:
     for name in ("lr-nan", "epochs-two", "lr-string", "bias-no", "epochs-float", "unknown-key", "broken"):
         probe(f"TOML {name}", f"fwdgrad train --model user.onnx --data data.npz --config {name}.toml --out runs/t")
     # 3. two writers of one run directory
-    long_run = f"{TRAIN} --epochs 400 --out runs/busy".split()[1:]
+    long_run = f"{TRAIN} --epochs 400 --out runs/busy".split()
     writer = subprocess.Popen([sys.executable, "-m", "fwdgrad.cli", *long_run], cwd=work,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env=dict(os.environ, FWDGRAD_CACHE=str(work / "cache")))
     deadline = time.time() + 300
     while not (work / "runs/busy/checkpoint/state.json").exists() and time.time() < deadline:
+        if writer.poll() is not None:
+            raise RuntimeError(f"the first writer of runs/busy exited with {writer.returncode} before training")
         time.sleep(0.1)
     probe("a second train --out D while D trains", f"fwdgrad {TRAIN} --epochs 400 --out runs/busy")
     probe("--resume D while D trains", "fwdgrad train --resume runs/busy")
