@@ -138,7 +138,7 @@ class ZOStep:
             logits = graph.forward(at_head, start=self.head.name, weights=w, backend=cfg.backend, varying=varying)
             head.add(at_head[self.head.inputs[0]], logits, y, graph.output_params)
             if last is not None:
-                last.add(a, y_int, logits, y, graph.output_params)
+                last.add(a, y_int, logits, y, graph.output_params, at_last)
             return self.loss(logits, y)
 
         seed = step_seed(cfg.seed, step)

@@ -124,14 +124,13 @@ EPOCHS = 10
 def gains(work: Path) -> str:
     """What the two runs just made recovered, in the words of their summaries (never written by hand)."""
     zo, bp = (json.loads((work / "runs" / name / "summary.json").read_text()) for name in ("zo", "bp"))
+    exact = {"exact-last": "the head's and the last 1x1 conv's exact gradients (through the residual add, the "
+                           "ReLU and the max pool), ZO on the other channels",
+             "exact": "the head's exact gradient, ZO on the other channels", "zo": "ZO on every channel"}
     start = zo["integer_zero_shot_top1"]
     return (f"On this model and shift, in {EPOCHS} epochs: forward-only {start:.1%} -> {zo['integer_top1']:.1%} "
-            f"(head update: {zo['head_update']}), backprop {bp['integer_zero_shot_top1']:.1%} -> "
-            f"{bp['integer_top1']:.1%} on its integers ({bp['final_top1']:.1%} in float). Forward-only training "
-            f"computes exact gradients for the layers its forward pass exposes: the head always, and a 1x1 conv "
-            f"that feeds the global pool directly. Here the last conv feeds an Add, a ReLU and a MaxPool before "
-            f"the pool, so only the head is exact and the inner channels are ZO's, which needs many more steps "
-            f"(docs/method.md); summary.json's `head_update` says which layers were exact.\n")
+            f"({exact[zo['head_update']]}), backprop {bp['integer_zero_shot_top1']:.1%} -> "
+            f"{bp['integer_top1']:.1%} on its integers ({bp['final_top1']:.1%} in float).\n")
 
 
 def page(work: Path) -> str:

@@ -89,23 +89,71 @@ def pointwise_graph():
     return convert(export_to_proto(net, x[:1]), x[:200].numpy(), bits="w16a8"), x[:64].numpy(), y[:64].numpy()
 
 
-def test_the_last_layer_gradient_is_the_float_twins(pointwise_graph):
+@pytest.fixture(scope="module")
+def residual_pool_graph():
+    """A user's layout (as in tests/test_byo.py): conv -> depthwise -> 1x1 conv added to the stem, ReLU, a
+    2x2 max pool, the mean, Linear; briefly trained on sklearn digits."""
+    from sklearn.datasets import load_digits
+    from torch import nn
+
+    from tests.conftest import export_to_proto
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU6())
+            self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU())
+            self.pw, self.fc = nn.Conv2d(8, 8, 1), nn.Linear(8, 10)
+
+        def forward(self, x):
+            x = self.stem(x)
+            return self.fc(nn.functional.max_pool2d(torch.relu(x + self.pw(self.dw(x))), 2).mean(dim=(2, 3)))
+
+    digits = load_digits()
+    x = torch.tensor(digits.images[:, None] / 16.0, dtype=torch.float32)
+    y = torch.tensor(digits.target)
+    torch.manual_seed(0)
+    net = Net()
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    for i in range(0, 1500, 50):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x[i:i + 50]), y[i:i + 50]).backward()
+        opt.step()
+    return convert(export_to_proto(net, x[:1]), x[:200].numpy(), bits="w16a8"), x[:64].numpy(), y[:64].numpy()
+
+
+@pytest.mark.parametrize("model", ["pointwise_graph", "residual_pool_graph"])
+def test_the_last_layer_gradient_through_adds_and_max_pools_is_the_float_twins(model, request):
     from fwdgrad.last_layer import LastLayerGradient, find_last_layer
 
-    graph, x, y = pointwise_graph
+    graph, x, y = request.getfixturevalue(model)
     head = final_linear(graph)
     last = find_last_layer(graph, head)
     node = last.node
+    assert [type(n).__name__ for n in last.chain][:-1] == ([] if model == "pointwise_graph" else ["QAdd", "QMaxPool"])
     channels = np.array([1, 4, 5])
     cache = graph.prefix(x, until=node.name)
     after = graph.advance(cache, node.name, last.after)
     gradient = LastLayerGradient(last, head, channels)
-    gradient.add(cache[node.inputs[0]], after[node.output], graph.forward(x), y, graph.output_params)
+    gradient.add(cache[node.inputs[0]], after[node.output], graph.forward(x), y, graph.output_params, cache)
     true = gradients(graph, x, y)[node.weight_key][:, channels, 0, 0]
     s_a = float(node.in_params.scale)
     ours = gradient.weight * gradient.ref * s_a / (65536 * gradient.positions * len(x))
     cosine = np.sum(ours * true) / (np.linalg.norm(ours) * np.linalg.norm(true))
     assert cosine > 0.98 and 0.8 < np.linalg.norm(ours) / np.linalg.norm(true) < 1.25
+
+
+def test_a_max_pool_routes_each_window_to_its_first_maximum():
+    from fwdgrad.last_layer import _route_max
+    from quant.ops import PoolGeometry, QMaxPool
+    from quant.ops.pool import maxpool_reference
+
+    x = np.array([[[[1, 3, 3, 0], [2, 0, 1, 1], [5, 5, 0, -2], [5, 4, -3, -1]]]], np.int8)
+    node = QMaxPool.__new__(QMaxPool)
+    node.geometry = PoolGeometry((2, 2), (2, 2))
+    y = maxpool_reference(x, node.geometry)
+    routed = _route_max(x, y, np.array([[[[1, 2], [3, 4]]]]), node)
+    assert routed.tolist() == [[[[0, 1, 2, 0], [0, 0, 0, 0], [3, 0, 4, 0], [0, 0, 0, 0]]]]
 
 
 def test_auto_takes_the_strongest_exact_update_the_model_allows(pointwise_graph, digits_graph):
