@@ -17,7 +17,7 @@ with the profile's MACs/cycle, clock and energy per MAC and per byte moved.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -115,6 +115,7 @@ class TrainingShape:
     momentum: bool = False
     cache_prefix: bool = True  # keep the first trainable layer's input per sample, or recompute the prefix
     exact_layers: tuple = ()  # layers with exact gradients (fwdgrad.head, .last_layer): their input and sums kept
+    selected_weights: dict = field(default_factory=dict)  # layer -> weights selected (a concrete selection)
 
 
 @dataclass
@@ -159,7 +160,9 @@ def plan(graph: QGraph, sample_shape: tuple, profile: Profile, training: Trainin
         # head, the layer's clamp mask too (one bit per output)
         layers = [graph.node(name) for name in training.exact_layers]
         zo_parts["exact_inputs"] = sum(by_name[n.inputs[0]].size for n in layers) * training.batch
-        zo_parts["exact_gradients"] = sum(4 * (n.weight.size + n.bias.size) for n in layers)
+        # 32-bit sums for the selected weights only (all of a layer's when no selection is known yet)
+        zo_parts["exact_gradients"] = sum(4 * (training.selected_weights.get(n.name, n.weight.size) + n.bias.size)
+                                          for n in layers)
         zo_parts["exact_masks"] = sum(-(-by_name[n.output].elements // 8) for n in layers[1:]) * training.batch
     stored = {t for node in suffix_nodes for t in node.inputs}
     act_grads = 2 * 4 * max(by_name[n.output].elements for n in suffix_nodes)  # two 32-bit gradient buffers
@@ -210,8 +213,9 @@ def selection_shape(graph: QGraph, selection: dict, *, m: int, batch: int, momen
     from fwdgrad.channels import selection_bytes, weights_per_channel
 
     first = min(graph.index(name) for name in selection)
-    count = sum(weights_per_channel(graph.node(name)) * len(ch) for name, ch in selection.items())
-    return TrainingShape(selection_bytes(graph, selection, False, bias), count, first, m, batch, momentum)
+    selected = {name: weights_per_channel(graph.node(name)) * len(ch) for name, ch in selection.items()}
+    return TrainingShape(selection_bytes(graph, selection, False, bias), sum(selected.values()), first, m, batch,
+                         momentum, selected_weights=selected)
 
 
 def budget_shape(graph: QGraph, sample_shape: tuple, budget_bytes: int, *, method: str, m: int, batch: int,

@@ -5,7 +5,8 @@ import re
 import numpy as np
 import pytest
 
-from devices.planner import Tensor, budget_shape, engine_activation_peak, greedy_arena, live_peak, plan, tensor_lifetimes
+from devices.planner import (Tensor, budget_shape, engine_activation_peak, greedy_arena, live_peak, plan,
+                             selection_shape, tensor_lifetimes)
 from devices.profiles import load_profile, profile_names
 from fwdgrad.cli import main
 from fwdgrad.config import TrainConfig
@@ -88,6 +89,16 @@ def test_zo_adds_little_to_inference_and_backprop_adds_much(task):
     assert result.bp_peak > result.zo_peak
     assert result.zo_step_macs > result.forward_macs and result.bp_step_macs > result.forward_macs
     assert result.fits_zo and result.zo_step_seconds > 0 and result.zo_step_joules > 0
+
+
+def test_exact_gradient_sums_are_planned_for_the_selected_weights_only(task):
+    graph, _ = task
+    last = graph.weighted_nodes()[-1]  # the head: out weights per input channel
+    for channels in ([0], [0, 1, 2]):
+        shape = selection_shape(graph, {last.name: np.array(channels)}, m=4, batch=1, momentum=False, bias=False)
+        shape.exact_layers = (last.name,)
+        sums = plan(graph, (1, 8, 8), load_profile("cortex-m7"), shape).zo_parts["exact_gradients"]
+        assert sums == 4 * (last.weight.size // last.weight.shape[1] * len(channels) + last.bias.size)
 
 
 def test_runs_that_do_not_fit_are_refused_with_numbers(task, tmp_path, monkeypatch):
