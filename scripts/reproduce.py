@@ -23,8 +23,10 @@ HEADER = """# Results
 Every number on this page was measured on this machine by `python scripts/reproduce.py` (which runs each
 grid in `experiments/` through `fwdgrad compare`). Top-1 is on the target task's test split, mean ± std
 over seeds; "zero-shot" is the start of each run: the pretrained backbone with a logistic-regression
-probe head (fitted on the images each grid names), quantized (ZO rows, integer engine) or in float (BP
-rows). ZO rows count forward calls (2m per step); BP rows count one forward and one backward per step.
+probe head (fitted on the images each grid names), quantized. Every top-1 is of the integers a device
+runs (a BP row's weights rounded onto the graph's grids; its float top-1 beside it). Forward-only rows count
+forward calls (2m per step, or one when only exact layers train); BP rows count one forward and one
+backward per step.
 """
 
 
