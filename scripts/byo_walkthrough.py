@@ -167,7 +167,7 @@ def page(work: Path) -> str:
         "## 4. Train with forward calls only, and with backprop for reference",
         "",
         "Forward gradients with the default settings (TraDy channels under an 8 KB budget, w16a8, the "
-        "head's exact gradient from its forward pass), then the backprop reference on the same channels, "
+        "exact gradients its forward calls give: the head's, and the last 1x1 conv's), then the backprop reference on the same channels, "
         "data order and schedule; both report the top-1 of the integers a device would run "
         "(`integer_top1`):",
         "", run(work, f"fwdgrad train {train} --out runs/zo"),
