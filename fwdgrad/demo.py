@@ -6,10 +6,10 @@ loss is the integer one), where it meets new data (MNIST digits) with a weak hea
 labelled images). It fine-tunes with forward calls only, on TraDy channels under a budget the device holds:
 pure forward gradients (the paper's method), and the hybrid (the exact head and last-layer updates the
 forward calls already give, ZO on the other channels); backprop on the same selection, data order and
-schedule, plain float32 and quantization-aware (fake-quant), says what was given up. Each row says its planned device memory and what the run would cost on
-the MCU (``devices.planner``); the hybrid's integers are exported to ONNX and onnxruntime must agree with
-the engine. The runs are a `fwdgrad compare` grid, so the report, plots and reuse of finished runs come
-from there.
+schedule, plain float32 and quantization-aware (fake-quant), says what was given up. Each row says its
+planned device memory and what the run would cost on the MCU (``devices.planner``); the hybrid's integers
+are exported to ONNX and onnxruntime must agree with the engine. The runs are a `fwdgrad compare` grid, so
+the report, plots and reuse of finished runs come from there.
 """
 from __future__ import annotations
 

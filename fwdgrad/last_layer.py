@@ -43,8 +43,8 @@ class LastLayer:
 
     node: QConv
     after: str  # the first node after L
-    chain: tuple[Node, ...] = ()
-    rounding: str = "half_even"
+    chain: tuple[Node, ...]  # never empty: it ends with the global pool
+    rounding: str  # the graph's, to recompute the chain's integers
 
 
 def _is_pointwise(node) -> bool:
@@ -111,7 +111,7 @@ def routing(layer: LastLayer, tensors: dict, y_int: np.ndarray) -> tuple[np.ndar
     kernels, env = get_backend("numba"), dict(tensors) | {layer.node.output: y_int}
     for n in layer.chain[:-1]:
         env[n.output] = n.run(kernels, [env[t] for t in n.inputs], layer.rounding)
-    pooled = env[layer.chain[-1].inputs[0]] if layer.chain else y_int
+    pooled = env[layer.chain[-1].inputs[0]]
     route = np.ones(pooled.shape, np.int64)
     for n in reversed(layer.chain[:-1]):
         if isinstance(n, QMaxPool):

@@ -26,14 +26,11 @@ from collections import OrderedDict
 import numpy as np
 
 from ..export import export_segment, live_tensors
+from ..export.operands import varies
 from ..ops import WeightedNode
 
 MAX_SESSIONS = 16
 _SESSIONS: dict[int, OrderedDict] = {}  # id(graph) -> {segment key: (session, baked arrays)}; dropped with the graph
-
-
-def _varies(node: WeightedNode, varying: frozenset | None) -> bool:
-    return varying is None or node.weight_key in varying or node.bias_key in varying
 
 
 def _session(graph, first: int, last: int, env: dict, weights: dict | None, varying: frozenset | None):
@@ -45,7 +42,7 @@ def _session(graph, first: int, last: int, env: dict, weights: dict | None, vary
     sessions = _SESSIONS[id(graph)]
     live_shapes = {t: env[t].shape for t in live_tensors(graph, first)}
     baked = [array for node in graph.nodes[first:last] if isinstance(node, WeightedNode)
-             and not _varies(node, varying) for array in node.weights_from(weights)]
+             and not varies(node, varying) for array in node.weights_from(weights)]
     key = (first, last, tuple(shape[1:] for shape in live_shapes.values()), varying, tuple(map(id, baked)))
     if key not in sessions:
         options = ort.SessionOptions()
@@ -74,7 +71,7 @@ def run_segment(graph, env: dict, first: int, last: int, weights: dict | None, r
     session = _session(graph, first, last, env, weights, varying)
     feed = {t: env[t] for t in live_tensors(graph, first)}
     for node in graph.nodes[first:last]:
-        if isinstance(node, WeightedNode) and _varies(node, varying):
+        if isinstance(node, WeightedNode) and varies(node, varying):
             weight, bias = node.weights_from(weights)
             feed[node.weight_key] = np.ascontiguousarray(weight, dtype=node.weight.dtype)
             feed[node.bias_key] = np.ascontiguousarray(bias, dtype=node.bias.dtype)

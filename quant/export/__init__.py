@@ -150,8 +150,9 @@ def export_segment(graph: QGraph, first: int, last: int, live_shapes: dict[str, 
     Inputs: the tensors live at ``first`` (engine names and types, shapes ``live_shapes`` with a free
     batch); for ``qop`` then ``<node>.weight`` / ``<node>.bias`` of each layer in the segment, so that one
     session serves every weight set (the onnxruntime backend); with ``varying`` (weight keys), only of the
-    layers it names, the others initializers holding ``weights`` (over the stored ones). ``qdq`` keeps the graph's weights as
-    constants: it serves to compare the runtime's float arithmetic with the engine's one node at a time.
+    layers it names, the others initializers holding ``weights`` (over the stored ones). ``qdq`` keeps the
+    graph's weights as constants: it serves to compare the runtime's float arithmetic with the engine's one
+    node at a time.
     Outputs: the tensors live at ``last`` that the segment produces (the graph output when ``last`` is the
     end), as integers."""
     if fmt not in FORMATS:

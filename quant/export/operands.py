@@ -15,6 +15,12 @@ from ..ops import QLinear, WeightedNode
 from .builder import Builder
 
 
+def varies(node: WeightedNode, keys: frozenset | None) -> bool:
+    """Whether ``node``'s weights are among ``keys`` (weight or bias key; every layer's when ``keys`` is
+    None): the layers a trainer changes from call to call, which an exported segment takes as inputs."""
+    return keys is None or node.weight_key in keys or node.bias_key in keys
+
+
 @dataclass
 class Weights:
     """Where the weights of the exported graph come from: ``replacements`` (key -> integers, as the trainer
@@ -25,14 +31,10 @@ class Weights:
     as_inputs: bool = False
     input_keys: frozenset | None = None
 
-    def is_input(self, node: WeightedNode) -> bool:
-        return self.as_inputs and (self.input_keys is None or node.weight_key in self.input_keys
-                                   or node.bias_key in self.input_keys)
-
     def tensors(self, b: Builder, node: WeightedNode) -> tuple[str | np.ndarray, str]:
         """(weight, bias): the weight as an array to lay out (initializers) or a graph input name; the
         bias as an ONNX name either way, in its stored integer type."""
-        if self.is_input(node):
+        if self.as_inputs and varies(node, self.input_keys):
             return (b.input(node.weight_key, node.weight.dtype, node.weight.shape),
                     b.input(node.bias_key, node.bias.dtype, node.bias.shape))
         weight, bias = node.weights_from(self.replacements)
