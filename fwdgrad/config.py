@@ -25,6 +25,7 @@ from quant.fixedpoint import ROUNDING_MODES
 from quant.tensor import SCALE_KINDS
 
 from .data.files import IMAGE_SCALINGS, is_data_path
+from .directions import DIRECTIONS, LR_SCALES, ZO_PARAMS
 from .estimators import ESTIMATORS
 from .head import HEAD_UPDATES
 from .perturb import DISTRIBUTIONS, SPACES
@@ -76,7 +77,10 @@ class TrainConfig:
     space: Literal[SPACES] = "steps"  # what eps, lr and rho count in: 8-bit weight "steps" or "real" units
     eps: Positive = 2.0  # perturbation size (see space)
     lr: Positive = 0.5  # update per unit of projected gradient (see space)
-    lr_scale: Literal["none", "dimension"] = "none"  # "dimension": the ZO lr is divided by the perturbed weights
+    lr_scale: Literal[LR_SCALES] = "none"  # dimension: the ZO lr / the perturbed dimension; layer: per array
+    zo_params: Literal[ZO_PARAMS] = "weights"  # scale-bias: ZO moves per-output-channel scales and biases only
+    zo_sparsity: Annotated[float, Field(ge=0, lt=1)] = 0.0  # Sparse MeZO: this share of the largest weights stays put
+    directions: Literal[DIRECTIONS] = "independent"  # orthogonal: the m directions of a step orthonormalised
     bp_lr: Positive = 0.05  # backprop reference: SGD learning rate on the real-valued weights
     schedule: Literal[SCHEDULES] = "cosine"
     warmup_steps: NonNegative = 0

@@ -16,7 +16,8 @@ from typing import Callable
 
 import numpy as np
 
-from .perturb import Perturbation, draw
+from .directions import Directions
+from .perturb import Perturbation
 
 ESTIMATORS = ("spsa", "sign-spsa", "sharpness")
 
@@ -33,41 +34,41 @@ def seeds_for(step_seed: int, m: int, offset: int = 0) -> list[int]:
     return [int(s) for s in np.random.default_rng([step_seed, 0xE57, offset]).integers(0, 2 ** 62, m)]
 
 
-def estimate(loss_at: Callable[[dict], float], weights: dict, masks: dict, units: dict, limits: dict, *,
+def estimate(loss_at: Callable[[dict], float], weights: dict, directions: Directions, limits: dict, *,
              step_seed: int, m: int, eps: float, distribution: str, method: str, rho: float = 0.0) -> Estimate:
-    """The step's perturbations and projected gradients (``loss_at(weights) -> float`` runs one forward);
-    ``units`` are the integer steps per unit of eps of every masked weight (``perturbation_units``)."""
+    """The step's perturbations and projected gradients (``loss_at(weights) -> float`` runs one forward)
+    along ``directions`` (``fwdgrad.directions``: what is perturbed, in which integer units)."""
     if method not in ESTIMATORS:
         raise ValueError(f"unknown estimator {method!r}: use one of {', '.join(ESTIMATORS)}")
     centre, calls = weights, 0
     if method == "sharpness":
-        first = _pairs(loss_at, weights, masks, units, limits, seeds_for(step_seed, m, 1), eps, distribution, False)
-        direction = _direction(units, first)
-        centre = _neighbour(weights, masks, units, direction, rho, limits)
+        first = _pairs(loss_at, weights, directions, limits, seeds_for(step_seed, m, 1), eps, distribution, False)
+        units = directions.units_at(weights)
+        centre = _neighbour(weights, directions.masks, units, _direction(units, first), rho, limits)
         calls += first.forward_calls
-    result = _pairs(loss_at, centre, masks, units, limits, seeds_for(step_seed, m), eps, distribution,
+    result = _pairs(loss_at, centre, directions, limits, seeds_for(step_seed, m), eps, distribution,
                     method == "sign-spsa")
     result.forward_calls += calls
     return result
 
 
-def _pairs(loss_at, weights, masks, units, limits, seeds, eps, distribution, use_sign) -> Estimate:
-    perturbations, projected, losses = [], [], []
-    for seed in seeds:
-        p = draw(seed, masks, units, eps, distribution)
+def _pairs(loss_at, weights, directions, limits, seeds, eps, distribution, use_sign) -> Estimate:
+    perturbations, projected, losses = directions.draw(seeds, weights, eps, distribution), [], []
+    for p in perturbations:
         plus, minus = loss_at(p.apply(weights, +1, limits)), loss_at(p.apply(weights, -1, limits))
-        perturbations.append(p)
         projected.append(float(np.sign(plus - minus)) if use_sign else (plus - minus) / (2 * eps))
         losses += [plus, minus]
     return Estimate(perturbations, projected, losses, 2 * len(seeds))
 
 
 def _direction(units, est: Estimate) -> dict[str, np.ndarray]:
-    """Unit-norm (in units of eps) estimated gradient, per weight key, on the mask."""
+    """Unit-norm (in units of eps) estimated gradient, per weight key, on the mask (an entry with no unit,
+    a zero weight a scale moves, has none)."""
     grad = {}
     for p, g in zip(est.perturbations, est.projected):
         for key, d in p.delta.items():
-            grad[key] = grad.get(key, 0.0) + g * d / units[key]
+            u = units[key]
+            grad[key] = grad.get(key, 0.0) + g * np.divide(d, u, out=np.zeros(len(d)), where=u != 0)
     norm = np.sqrt(sum(float(np.sum(v ** 2)) for v in grad.values())) or 1.0
     return {key: v / norm for key, v in grad.items()}
 

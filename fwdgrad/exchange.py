@@ -26,7 +26,7 @@ import numpy as np
 
 from .config import TrainConfig
 from .estimators import Estimate, seeds_for
-from .perturb import draw
+from .directions import Directions
 from .update import apply_update
 from .zo_step import step_learning_rate
 
@@ -50,14 +50,14 @@ def as_sent(est: Estimate) -> Estimate:
     return Estimate(est.perturbations, [float(v) for v in np.float32(est.projected)], est.losses, est.forward_calls)
 
 
-def replay(graph, weights: dict, masks: dict, units: dict, limits: dict, cfg: TrainConfig, steps: SeedSteps,
+def replay(graph, weights: dict, directions: Directions, limits: dict, cfg: TrainConfig, steps: SeedSteps,
            first_step: int, total_steps: int, scale: float = 1.0) -> dict:
     """The weights after applying ``steps`` (taken at global step indices ``first_step + j``) with their
-    learning rates times ``scale``, regenerating each perturbation from its seed."""
+    learning rates times ``scale``, regenerating each perturbation from its seed along ``directions``."""
     for j, (seed, projected) in enumerate(zip(steps.seeds, steps.projected)):
-        perturbations = [draw(s, masks, units, cfg.eps, cfg.distribution) for s in seeds_for(int(seed), len(projected))]
+        perturbations = directions.draw(seeds_for(int(seed), len(projected)), weights, cfg.eps, cfg.distribution)
         est = Estimate(perturbations, [float(v) for v in projected], [], 0)
-        lr = step_learning_rate(cfg, first_step + j, total_steps, units) * scale
+        lr = {k: v * scale for k, v in step_learning_rate(cfg, first_step + j, total_steps, directions).items()}
         weights = apply_update(graph, weights, est, lr, cfg.eps, limits, int(seed))
     return weights
 

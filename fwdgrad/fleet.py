@@ -29,7 +29,7 @@ from .config import TrainConfig, read_settings_file
 from .exchange import (PROTOCOLS, SeedSteps, as_sent, average_values, fold_exact, payload_bytes, replay,
                        set_values, trained_values)
 from .partition import SPLITS, client_indices
-from .perturb import perturbation_units, selection_masks
+from .perturb import selection_masks
 from .data.split import TrainData
 from .rundir import atomic_write_bytes, atomic_write_json, npz_bytes, read_json, read_npz, save_graph, weights_digest
 from .trainer import Trainer, evaluate
@@ -138,11 +138,10 @@ class Device:
 def fold_seeds(zo, weights: dict, masks: dict, aggregate: dict, first_step: int, total_steps: int) -> dict:
     """Every device's round of steps replayed onto ``weights`` (their seeds in device order, each at lr / N),
     then the mean of their exact layers' steps: what the server and every device compute alike."""
-    perturbed = zo.perturbed(masks)
-    units = perturbation_units(zo.graph, perturbed, zo.config.space)
+    directions = zo.directions(masks, weights)
     devices = len(aggregate["seeds"])
     for c in range(devices):
-        weights = replay(zo.graph, weights, perturbed, units, zo.limits, zo.config,
+        weights = replay(zo.graph, weights, directions, zo.limits, zo.config,
                          SeedSteps(aggregate["seeds"][c], aggregate["projected"][c]), first_step, total_steps,
                          1.0 / devices)
     steps = {key[len("exact:"):]: values for key, values in aggregate.items() if key.startswith("exact:")}

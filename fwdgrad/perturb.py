@@ -96,16 +96,3 @@ def selection_masks(graph, selection: Selection, bias: bool = False) -> dict[str
         if bias:
             masks[node.bias_key] = np.ones(node.bias.shape, dtype=bool)
     return masks
-
-
-def draw(seed: int, masks: dict[str, np.ndarray], units: dict[str, np.ndarray], eps: float,
-         distribution: str = "gaussian") -> Perturbation:
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"unknown perturbation {distribution!r}: use one of {', '.join(DISTRIBUTIONS)}")
-    rng = np.random.default_rng([seed, 0x2E27])
-    delta = {}
-    for key, mask in masks.items():
-        count = int(mask.sum())
-        z = rng.standard_normal(count) if distribution == "gaussian" else rng.choice([-1.0, 1.0], count)
-        delta[key] = np.rint(eps * units[key] * z).astype(np.int64)
-    return Perturbation(seed, masks, delta)

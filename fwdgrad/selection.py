@@ -40,22 +40,23 @@ def channel_rgn_zo(graph, x: np.ndarray, y: np.ndarray, samples: int = 64, eps: 
     ``g_i * delta_i`` over ``samples`` whole-network perturbations (an estimate of the gradient's second
     moment; noisier than the twin's gradients, but enough to rank layers)."""
     from .channels import input_channels, per_channel_sum
+    from .directions import directions_for
     from .estimators import estimate
     from .loss import cross_entropy
-    from .perturb import integer_limits, perturbation_units, selection_masks
+    from .perturb import integer_limits, selection_masks
 
     selection = {n.name: np.arange(input_channels(n)) for n in graph.weighted_nodes()}
     masks = selection_masks(graph, selection)
     weights = {n.weight_key: n.weight for n in graph.weighted_nodes()}
     limits = integer_limits(graph)
-    units = perturbation_units(graph, masks)
+    directions = directions_for(graph, weights, masks)
 
     def loss_at(w):
         return cross_entropy(graph.forward(x, weights=w, backend=backend), graph.output_params, y)
 
     second = {key: np.zeros(mask.shape) for key, mask in masks.items()}
     for i in range(samples):
-        est = estimate(loss_at, weights, masks, units, limits, step_seed=seed * 1_000_003 + i, m=1, eps=eps,
+        est = estimate(loss_at, weights, directions, limits, step_seed=seed * 1_000_003 + i, m=1, eps=eps,
                        distribution="gaussian", method="spsa")
         for key, d in est.perturbations[0].delta.items():
             second[key][masks[key]] += (est.projected[0] * d / eps) ** 2

@@ -32,14 +32,16 @@ def stochastic_round(values: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return np.floor(values + rng.random(values.shape)).astype(np.int64)
 
 
-def apply_update(graph, weights: dict, est: Estimate, lr: float, eps: float, limits: dict, step_seed: int,
-                 momentum: dict | None = None, beta: float = 0.0) -> dict:
-    """New integer weights after one step (``momentum`` is updated in place when given)."""
+def apply_update(graph, weights: dict, est: Estimate, lr: float | dict[str, float], eps: float, limits: dict,
+                 step_seed: int, momentum: dict | None = None, beta: float = 0.0) -> dict:
+    """New integer weights after one step (``momentum`` is updated in place when given); ``lr`` is one
+    learning rate, or one per weight array (``Directions.lr_factors``)."""
     step: dict[str, np.ndarray] = {}
     m = len(est.perturbations)
     for p, g in zip(est.perturbations, est.projected):
         for key, d in p.delta.items():
-            step[key] = step.get(key, 0.0) + (lr * g / (eps * m)) * d  # d / unit * unit: integer steps
+            rate = lr[key] if isinstance(lr, dict) else lr
+            step[key] = step.get(key, 0.0) + (rate * g / (eps * m)) * d  # d / unit * unit: integer steps
     rng = np.random.default_rng([step_seed, 0x0DA7E])
     new = dict(weights)
     for key in sorted(step):

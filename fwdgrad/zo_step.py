@@ -16,11 +16,12 @@ import numpy as np
 from quant.graph import QGraph
 
 from .config import TrainConfig
+from .directions import Directions, directions_for
 from .estimators import Estimate, estimate
 from .head import HeadGradient, apply_head_step, final_linear
 from .last_layer import LastLayerGradient, apply_last_layer_step, find_last_layer
 from .loss import LOSS_FRACTION_BITS, cross_entropy, integer_cross_entropy
-from .perturb import integer_limits, perturbation_units
+from .perturb import integer_limits
 from .update import apply_update, learning_rate
 
 
@@ -29,13 +30,17 @@ def step_seed(seed: int, step: int) -> int:
     return int(np.random.default_rng([seed, 0x57E9, step]).integers(0, 2 ** 62))
 
 
-def step_learning_rate(cfg: TrainConfig, step: int, total_steps: int, units: dict) -> float:
-    """Schedule value at ``step``; with ``lr_scale = dimension`` divided by the number of perturbed weights
-    (``units`` holds one entry per perturbed weight), since ZO's stable step shrinks like m / d."""
+def step_learning_rate(cfg: TrainConfig, step: int, total_steps: int, directions: Directions) -> dict[str, float]:
+    """Schedule value at ``step`` for each perturbed array, scaled by ``lr_scale`` (``Directions.lr_factors``:
+    ZO's stable step shrinks like m / d)."""
     lr = learning_rate(cfg.lr, cfg.schedule, step, total_steps, cfg.warmup_steps)
-    if cfg.lr_scale == "dimension":
-        lr /= max(1, sum(len(u) for u in units.values()))
-    return lr
+    return {k: lr * f for k, f in directions.lr_factors(cfg.lr_scale).items()}
+
+
+def period_directions(graph: QGraph, cfg: TrainConfig, weights: dict, perturbed: dict) -> Directions:
+    """The directions of a selection period, by the run's settings."""
+    return directions_for(graph, weights, perturbed, space=cfg.space, zo_params=cfg.zo_params,
+                          sparsity=cfg.zo_sparsity, orthogonal=cfg.directions)
 
 
 def integer_loss(logits_int, params, labels) -> float:
@@ -71,7 +76,7 @@ class ZOStep:
         self.graph, self.config, self.total_steps = graph, config, total_steps
         self.limits = integer_limits(graph)
         self.head, self.last = exact_layers(graph, config.head_update)
-        self._units = (None, {})
+        self._directions = (None, None)
 
     @property
     def head_update(self) -> str:
@@ -145,15 +150,20 @@ class ZOStep:
         perturbed = self.perturbed(masks)
         if not perturbed:  # exact updates alone: one forward call gives their gradients
             return Estimate([], [], [loss_at(weights)], 1), seed, (head, last)
-        if self._units[0] is not masks:  # integer steps per unit of eps: once per selection
-            self._units = (masks, perturbation_units(graph, perturbed, cfg.space))
-        est = estimate(loss_at, weights, perturbed, self._units[1], self.limits, step_seed=seed, m=cfg.m,
+        est = estimate(loss_at, weights, self.directions(masks, weights), self.limits, step_seed=seed, m=cfg.m,
                        eps=cfg.eps, distribution=cfg.distribution, method=cfg.estimator, rho=cfg.rho)
         return est, seed, (head, last)
 
+    def directions(self, masks: dict, weights: dict) -> Directions:
+        """The perturbed directions of the selection ``masks``, made at its first step's ``weights`` and kept
+        while the selection lasts."""
+        if self._directions[0] is not masks:
+            self._directions = (masks, period_directions(self.graph, self.config, weights, self.perturbed(masks)))
+        return self._directions[1]
+
     def learning_rate(self, step: int) -> float:
         """The ZO update size of ``step`` for the current selection (after ``gradient`` drew it)."""
-        return step_learning_rate(self.config, step, self.total_steps, self._units[1])
+        return step_learning_rate(self.config, step, self.total_steps, self._directions[1])
 
     def exact_learning_rate(self, step: int) -> float:
         cfg = self.config

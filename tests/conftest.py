@@ -1,6 +1,7 @@
 import io
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -58,6 +59,19 @@ def residual_net():
             opt.step()
     net.eval()
     return net, x.numpy(), y.numpy(), export_to_proto(net, x[:1])
+
+
+@pytest.fixture(scope="session")
+def digits_graph(residual_net):
+    """The residual net at w16a16 (calibrated on 200 digits) and a batch of 64 digits."""
+    from quant.convert import convert
+
+    _, x, y, proto = residual_net
+    return convert(proto, x[:200], bits="w16a16"), x[:64], y[:64]
+
+
+def cosine(a, b) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 @pytest.fixture

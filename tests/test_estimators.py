@@ -3,31 +3,24 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import cosine
+
 from fwdgrad.channels import channel_mask, per_channel_sum, selection_bytes
+from fwdgrad.directions import directions_for
 from fwdgrad.estimators import estimate
 from fwdgrad.loss import cross_entropy
-from fwdgrad.perturb import draw, integer_limits, perturbation_units, selection_masks
+from fwdgrad.perturb import integer_limits, selection_masks
 from fwdgrad.reference import FloatTwin, gradients
 from fwdgrad.update import apply_update, stochastic_round
 from quant.convert import convert
 
 
-@pytest.fixture(scope="module")
-def digits_graph(residual_net):
-    _, x, y, proto = residual_net
-    return convert(proto, x[:200], bits="w16a16"), x[:64], y[:64]
-
-
-def cosine(a, b):
-    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
 def mean_estimate(loss_at, graph, weights, masks, limits, eps, samples, space="steps"):
     """Average of g_i * delta_i over many seeds (integer units of each weight)."""
     total = {k: 0.0 for k in masks}
-    units = perturbation_units(graph, masks, space)
+    directions = directions_for(graph, weights, masks, space=space)
     for seed in range(samples):
-        est = estimate(loss_at, weights, masks, units, limits, step_seed=seed, m=1, eps=eps,
+        est = estimate(loss_at, weights, directions, limits, step_seed=seed, m=1, eps=eps,
                        distribution="gaussian", method="spsa")
         p, g = est.perturbations[0], est.projected[0]
         for key, d in p.delta.items():
@@ -85,10 +78,10 @@ def test_perturbations_regenerate_from_their_seed(digits_graph):
     graph, _, _ = digits_graph
     node = graph.weighted_nodes()[1]
     masks = selection_masks(graph, {node.name: np.array([0, 3])})
-    units = perturbation_units(graph, masks)
-    a, b = draw(7, masks, units, 2.0), draw(7, masks, units, 2.0)
+    directions = directions_for(graph, {}, masks)
+    a, b, c = directions.draw([7, 7, 8], {}, 2.0)
     assert np.array_equal(a.delta[node.weight_key], b.delta[node.weight_key])
-    assert not np.array_equal(a.delta[node.weight_key], draw(8, masks, units, 2.0).delta[node.weight_key])
+    assert not np.array_equal(a.delta[node.weight_key], c.delta[node.weight_key])
     assert a.delta[node.weight_key].size == masks[node.weight_key].sum()
     assert np.abs(a.delta[node.weight_key]).max() > 256  # eps=2 8-bit steps = 512 int16 steps (w16)
 
@@ -104,7 +97,7 @@ def test_a_perturbed_call_runs_every_other_layer_with_its_trained_integers(digit
         trained[node.weight_key] = np.clip(node.weight.astype(np.int64) + 300, -32767, 32767).astype(node.weight.dtype)
     now = layers[-1]
     masks = selection_masks(graph, {now.name: np.arange(now.weight.shape[1])}, bias=True)
-    p = draw(3, masks, perturbation_units(graph, masks), 2.0)
+    p, = directions_for(graph, trained, masks).draw([3], trained, 2.0)
     moved = p.apply(trained, +1, integer_limits(graph))
     assert set(moved) == set(trained)
     cache = graph.prefix(x, until=now.name, weights=trained)
@@ -149,9 +142,9 @@ def test_update_moves_against_the_gradient_and_saturates(digits_graph):
         return cross_entropy(graph.forward(cache, start=head.name, weights=w), graph.output_params, y)
 
     before = loss_at(weights)
-    units = perturbation_units(graph, masks)
+    directions = directions_for(graph, weights, masks)
     for step in range(30):
-        est = estimate(loss_at, weights, masks, units, limits, step_seed=step, m=8, eps=1.0,
+        est = estimate(loss_at, weights, directions, limits, step_seed=step, m=8, eps=1.0,
                        distribution="gaussian", method="spsa")
         weights = apply_update(graph, weights, est, 2.0, 1.0, limits, step)
     assert loss_at(weights) < before

@@ -11,7 +11,7 @@ from fwdgrad.config import TrainConfig
 from fwdgrad.exchange import SeedSteps, average_values, replay, set_values, trained_values
 from fwdgrad.fleet import Device, FleetConfig, fold_seeds, load_fleet, run_fleet
 from fwdgrad.partition import client_indices
-from fwdgrad.perturb import perturbation_units, selection_masks
+from fwdgrad.perturb import selection_masks
 from fwdgrad.rundir import weights_digest
 from quant.convert import convert
 
@@ -41,11 +41,13 @@ def test_label_split_deals_disjoint_classes():
         client_indices(TrainConfig(dataset="digits"), labels, 3, "voices")
 
 
-def test_replaying_a_devices_seeds_gives_its_own_integers(residual_task, tmp_path):
-    """(seed, g) pairs are the whole update: replayed on the starting weights they land on exactly the
-    integers the device computed, and the FedAvg helpers round-trip the trained values."""
+@pytest.mark.parametrize("directions", [{}, {"zo_params": "scale-bias", "lr_scale": "layer"},
+                                        {"zo_sparsity": 0.5, "directions": "orthogonal"}])
+def test_replaying_a_devices_seeds_gives_its_own_integers(residual_task, tmp_path, directions):
+    """(seed, g) pairs are the whole update, whatever the directions: replayed on the starting weights they
+    land on exactly the integers the device computed, and the FedAvg helpers round-trip the trained values."""
     x, y, proto = residual_task
-    cfg = TrainConfig(**SMALL)
+    cfg = TrainConfig(**SMALL | directions)
     graph = convert(proto, x[:200], bits=cfg.bits)
     setup = {"graph": graph, "config": cfg.to_dict(), "dir": str(tmp_path), "local_steps": 4, "total_steps": 8,
              "clients": [(fwdgrad.task.prepare_data(cfg).x_train[:100], y[:100])]}
@@ -62,8 +64,7 @@ def test_replaying_a_devices_seeds_gives_its_own_integers(residual_task, tmp_pat
     replayed = fold_seeds(device.trainer.zo, dict(start), masks, {k: v[None] for k, v in upload.items()}, 4, 8)
     assert weights_digest(replayed) == weights_digest(trained) != weights_digest(start)
     perturbed = device.trainer.zo.perturbed(masks)  # the ZO part alone is (seed, g) pairs
-    only_zo = replay(graph, dict(start), perturbed, perturbation_units(graph, perturbed, cfg.space),
-                     device.trainer.limits, device.config, SeedSteps(upload["seeds"], upload["projected"]), 4, 8)
+    only_zo = replay(graph, dict(start), device.trainer.zo.directions(masks, start), device.trainer.limits, device.config, SeedSteps(upload["seeds"], upload["projected"]), 4, 8)
     assert all(np.array_equal(only_zo[k], trained[k]) for k in perturbed)
 
     values = trained_values(trained, masks)
