@@ -34,30 +34,36 @@ def seeds_for(step_seed: int, m: int, offset: int = 0) -> list[int]:
     return [int(s) for s in np.random.default_rng([step_seed, 0xE57, offset]).integers(0, 2 ** 62, m)]
 
 
-def estimate(loss_at: Callable[[dict], float], weights: dict, directions: Directions, limits: dict, *,
+def one_by_one(loss_at: Callable[[dict], float]) -> Callable[[list[dict]], list[float]]:
+    """``losses_at`` from a function of one weight set (one forward call each)."""
+    return lambda sets: [loss_at(w) for w in sets]
+
+
+def estimate(losses_at: Callable[[list[dict]], list[float]], weights: dict, directions: Directions, limits: dict, *,
              step_seed: int, m: int, eps: float, distribution: str, method: str, rho: float = 0.0) -> Estimate:
-    """The step's perturbations and projected gradients (``loss_at(weights) -> float`` runs one forward)
-    along ``directions`` (``fwdgrad.directions``: what is perturbed, in which integer units)."""
+    """The step's perturbations and projected gradients along ``directions`` (``fwdgrad.directions``: what
+    is perturbed, in which integer units). ``losses_at(weight sets) -> losses`` makes one forward call per
+    set; it gets the 2m sets of a pass at once (w + delta_1, w - delta_1, w + delta_2, ...), so that it can
+    run their copies of a shared layer together."""
     if method not in ESTIMATORS:
         raise ValueError(f"unknown estimator {method!r}: use one of {', '.join(ESTIMATORS)}")
     centre, calls = weights, 0
     if method == "sharpness":
-        first = _pairs(loss_at, weights, directions, limits, seeds_for(step_seed, m, 1), eps, distribution, False)
+        first = _pairs(losses_at, weights, directions, limits, seeds_for(step_seed, m, 1), eps, distribution, False)
         units = directions.units_at(weights)
         centre = _neighbour(weights, directions.masks, units, _direction(units, first), rho, limits)
         calls += first.forward_calls
-    result = _pairs(loss_at, centre, directions, limits, seeds_for(step_seed, m), eps, distribution,
+    result = _pairs(losses_at, centre, directions, limits, seeds_for(step_seed, m), eps, distribution,
                     method == "sign-spsa")
     result.forward_calls += calls
     return result
 
 
-def _pairs(loss_at, weights, directions, limits, seeds, eps, distribution, use_sign) -> Estimate:
-    perturbations, projected, losses = directions.draw(seeds, weights, eps, distribution), [], []
-    for p in perturbations:
-        plus, minus = loss_at(p.apply(weights, +1, limits)), loss_at(p.apply(weights, -1, limits))
-        projected.append(float(np.sign(plus - minus)) if use_sign else (plus - minus) / (2 * eps))
-        losses += [plus, minus]
+def _pairs(losses_at, weights, directions, limits, seeds, eps, distribution, use_sign) -> Estimate:
+    perturbations = directions.draw(seeds, weights, eps, distribution)
+    losses = losses_at([p.apply(weights, sign, limits) for p in perturbations for sign in (+1, -1)])
+    pairs = zip(losses[::2], losses[1::2])
+    projected = [float(np.sign(plus - minus)) if use_sign else (plus - minus) / (2 * eps) for plus, minus in pairs]
     return Estimate(perturbations, projected, losses, 2 * len(seeds))
 
 

@@ -41,7 +41,7 @@ def channel_rgn_zo(graph, x: np.ndarray, y: np.ndarray, samples: int = 64, eps: 
     moment; noisier than the twin's gradients, but enough to rank layers)."""
     from .channels import input_channels, per_channel_sum
     from .directions import directions_for
-    from .estimators import estimate
+    from .estimators import estimate, one_by_one
     from .loss import cross_entropy
     from .perturb import integer_limits, selection_masks
 
@@ -56,7 +56,7 @@ def channel_rgn_zo(graph, x: np.ndarray, y: np.ndarray, samples: int = 64, eps: 
 
     second = {key: np.zeros(mask.shape) for key, mask in masks.items()}
     for i in range(samples):
-        est = estimate(loss_at, weights, directions, limits, step_seed=seed * 1_000_003 + i, m=1, eps=eps,
+        est = estimate(one_by_one(loss_at), weights, directions, limits, step_seed=seed * 1_000_003 + i, m=1, eps=eps,
                        distribution="gaussian", method="spsa")
         for key, d in est.perturbations[0].delta.items():
             second[key][masks[key]] += (est.projected[0] * d / eps) ** 2

@@ -127,30 +127,43 @@ class ZOStep:
         def run(env, begin, until, w):
             return graph.advance(env, begin, until, weights=w, backend=cfg.backend, varying=varying)
 
-        def loss_at(w):
+        def loss_from(env, begin, w):
+            """The loss of one call with weights ``w``, ``env`` holding the tensors before node ``begin``
+            (None: after the last node)."""
             if head is None:
-                return self.loss(graph.forward(cache, start=start, weights=w, backend=cfg.backend, varying=varying),
-                                 y)
+                logits = env[graph.output_name] if begin is None else graph.forward(
+                    env, start=begin, weights=w, backend=cfg.backend, varying=varying)
+                return self.loss(logits, y)
             if last is not None:
                 node = self.last.node
-                at_last = run(cache, start, node.name, w) if start != node.name else dict(cache)
+                at_last = run(env, begin, node.name, w)
                 a = at_last[node.inputs[0]]
                 after = run(at_last, node.name, self.last.after, w)
                 y_int = after[node.output]
                 at_head = run(after, self.last.after, self.head.name, w)
             else:
-                at_head = run(cache, start, self.head.name, w) if start != self.head.name else dict(cache)
+                at_head = run(env, begin, self.head.name, w)
             logits = graph.forward(at_head, start=self.head.name, weights=w, backend=cfg.backend, varying=varying)
             head.add(at_head[self.head.inputs[0]], logits, y, graph.output_params)
             if last is not None:
                 last.add(a, y_int, logits, y, graph.output_params, at_last)
             return self.loss(logits, y)
 
+        def losses_at(sets):
+            """The losses of the step's calls: when they all perturb the first node they run, its copies run
+            as one wider layer (QGraph.advance_each) and each call goes on from the node after it."""
+            if start not in {k.rsplit(".", 1)[0] for k in self.perturbed(masks)}:
+                return [loss_from(cache, start, w) for w in sets]
+            index = graph.index(start) + 1
+            begin = graph.nodes[index].name if index < len(graph.nodes) else None
+            envs = graph.advance_each(cache, start, sets, backend=cfg.backend, varying=varying)
+            return [loss_from(env, begin, w) for env, w in zip(envs, sets)]
+
         seed = step_seed(cfg.seed, step)
         perturbed = self.perturbed(masks)
         if not perturbed:  # exact updates alone: one forward call gives their gradients
-            return Estimate([], [], [loss_at(weights)], 1), seed, (head, last)
-        est = estimate(loss_at, weights, self.directions(masks, weights), self.limits, step_seed=seed, m=cfg.m,
+            return Estimate([], [], [loss_from(cache, start, weights)], 1), seed, (head, last)
+        est = estimate(losses_at, weights, self.directions(masks, weights), self.limits, step_seed=seed, m=cfg.m,
                        eps=cfg.eps, distribution=cfg.distribution, method=cfg.estimator, rho=cfg.rho)
         return est, seed, (head, last)
 

@@ -9,6 +9,7 @@ Tensors are freed after their last use (liveness), as an MCU arena would.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 
@@ -16,6 +17,9 @@ from .backends import get_backend, segment_runner
 from .fixedpoint import check_rounding
 from .ops.base import Node, WeightedNode
 from .tensor import QParams, dequantize, quantize
+
+
+WIDE_OUTPUT_BYTES = 1 << 20  # copies of a layer run together while their outputs fit in this (or the input)
 
 
 def check_input_shape(shape: tuple, expected: tuple | None, input_name: str, what: str = "data") -> None:
@@ -115,6 +119,34 @@ class QGraph:
         rounding = check_rounding(rounding or self.rounding)
         return self._execute(dict(cache), self.index(start), self.index(until), backend, weights, rounding,
                              varying)
+
+    def advance_each(self, cache: dict, start: str, weight_sets: list[dict], *, backend="numba",
+                     rounding: str | None = None, varying: frozenset | None = None) -> Iterator[dict]:
+        """For each of ``weight_sets`` in turn, the cache after node ``start`` (run from a ``prefix`` cache).
+
+        A trainer's perturbed copies of one layer read the same input: on a kernel backend, copies of a
+        dense layer run together as one wider layer (``WeightedNode.run_wide``: one unfolding of the input,
+        one packing, one call), in chunks whose outputs together take no more memory than the layer's input
+        or 1 MB. The integers are those of separate calls."""
+        rounding = check_rounding(rounding or self.rounding)
+        first = self.index(start)
+        node = self.nodes[first]
+        if segment_runner(backend) is not None or not isinstance(node, WeightedNode) or not node.widens:
+            for w in weight_sets:
+                yield self._execute(dict(cache), first, first + 1, backend, w, rounding, varying)
+            return
+        kernels = get_backend(backend)
+        one = self.run_nodes(dict(cache), first, first + 1, kernels, weight_sets[0], rounding)
+        yield one
+        x = cache[node.inputs[0]]
+        chunk = max(1, max(x.nbytes, WIDE_OUTPUT_BYTES) // max(1, one[node.output].nbytes))
+        dead = [t for t in node.inputs if self._last_use.get(t) == first and t != self.output_name]
+        for begin in range(1, len(weight_sets), chunk):
+            outputs = node.run_wide(kernels, x, weight_sets[begin:begin + chunk], rounding)
+            for y in outputs:
+                env = {t: v for t, v in cache.items() if t not in dead}
+                env[node.output] = y
+                yield env
 
     def forward(self, x, *, weights: dict | None = None, start: str | None = None, backend="numba",
                 rounding: str | None = None, varying: frozenset | None = None) -> np.ndarray:

@@ -2,11 +2,13 @@
 learning rates; each gives what it claims, and the default draws are the integers they always were."""
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import cosine, digits_task
 from fwdgrad.config import TrainConfig
 from fwdgrad.directions import directions_for
-from fwdgrad.estimators import estimate
+from fwdgrad.estimators import estimate, one_by_one
 from fwdgrad.loss import cross_entropy
 from fwdgrad.perturb import integer_limits, selection_masks
 from fwdgrad.trainer import Trainer
@@ -35,7 +37,7 @@ def test_scale_directions_follow_the_gradient_of_each_channels_scale(digits_grap
     limits = integer_limits(graph)
     mean = np.zeros(w.shape[0])
     for seed in range(1500):
-        est = estimate(loss_at, weights, directions, limits, step_seed=seed, m=1, eps=eps, distribution="gaussian",
+        est = estimate(one_by_one(loss_at), weights, directions, limits, step_seed=seed, m=1, eps=eps, distribution="gaussian",
                        method="spsa")
         delta = est.perturbations[0].delta[head.weight_key].reshape(w.shape)
         z = (delta * w).sum(axis=1) / (eps * (w * w).sum(axis=1))  # the draw's z_o, back from the integers
@@ -106,3 +108,52 @@ def test_every_direction_setting_trains_deterministically_on_both_backends(resid
             for b in ("numba", "numpy")]
     plain = Trainer(graph, data, TrainConfig(**settings), tmp_path / "plain").run()
     assert runs[0]["weights_sha256"] == runs[1]["weights_sha256"] != plain["weights_sha256"]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_copies_of_a_layer_run_together_give_the_integers_of_separate_calls(residual_net, data):
+    """QGraph.advance_each: every weighted layer of the residual net (dense and grouped convolutions, the
+    linear head), 1-5 weight sets, both kernel backends, 8- and 16-bit weights, whole or chunked."""
+    import quant.graph
+
+    bits = data.draw(st.sampled_from(["w8a8", "w16a8"]))
+    graph = digits_task(residual_net, bits, train=16, test_end=1516)[0]
+    _, x, _, _ = residual_net
+    node = data.draw(st.sampled_from(graph.weighted_nodes()))
+    backend = data.draw(st.sampled_from(["numpy", "numba"]))
+    copies = data.draw(st.integers(1, 5))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 31)))
+    q = node.w_params.qmax
+    sets = [{node.weight_key: rng.integers(-q, q + 1, node.weight.shape).astype(node.weight.dtype),
+             node.bias_key: rng.integers(-1000, 1000, node.bias.shape).astype(node.bias.dtype)}
+            for _ in range(copies)]
+    cache = graph.prefix(x[:data.draw(st.integers(1, 6))], until=node.name, backend=backend)
+    limit = data.draw(st.sampled_from([1, quant.graph.WIDE_OUTPUT_BYTES]))
+    saved, quant.graph.WIDE_OUTPUT_BYTES = quant.graph.WIDE_OUTPUT_BYTES, limit  # 1: one copy per call
+    try:
+        together = list(graph.advance_each(cache, node.name, sets, backend=backend))
+    finally:
+        quant.graph.WIDE_OUTPUT_BYTES = saved
+    after = graph.nodes[graph.index(node.name) + 1].name if node is not graph.nodes[-1] else None
+    for env, w in zip(together, sets):
+        alone = graph.advance(cache, node.name, after, weights=w, backend=backend) if after else \
+            {graph.output_name: graph.forward(cache, start=node.name, weights=w, backend=backend)}
+        assert set(env) >= set(alone)
+        assert all(np.array_equal(env[t], alone[t]) and env[t].dtype == alone[t].dtype for t in alone)
+
+
+def test_a_run_with_widened_copies_ends_on_the_integers_of_one_call_at_a_time(residual_net, tmp_path, monkeypatch):
+    from quant.ops.base import WeightedNode
+
+    graph, data = digits_task(residual_net, "w16a8", train=300, test_end=1700)
+    settings = dict(model="small-cnn", dataset="digits", bits="w16a8", selection="all", epochs=1,
+                    batch_size=100, m=2, eps=1.0, lr=1.0, rgn_samples=128, head_update="zo")
+    calls = []
+    run_wide = WeightedNode.run_wide
+    monkeypatch.setattr(WeightedNode, "run_wide", lambda self, *a: calls.append(self.name) or run_wide(self, *a))
+    widened = Trainer(graph, data, TrainConfig(**settings), tmp_path / "wide").run()
+    assert calls  # the copies of the first layer did run together
+    monkeypatch.setattr(WeightedNode, "widens", property(lambda self: False))
+    alone = Trainer(graph, data, TrainConfig(**settings), tmp_path / "alone").run()
+    assert widened["weights_sha256"] == alone["weights_sha256"]

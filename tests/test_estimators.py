@@ -7,7 +7,7 @@ from conftest import cosine
 
 from fwdgrad.channels import channel_mask, per_channel_sum, selection_bytes
 from fwdgrad.directions import directions_for
-from fwdgrad.estimators import estimate
+from fwdgrad.estimators import estimate, one_by_one
 from fwdgrad.loss import cross_entropy
 from fwdgrad.perturb import integer_limits, selection_masks
 from fwdgrad.reference import FloatTwin, gradients
@@ -20,7 +20,7 @@ def mean_estimate(loss_at, graph, weights, masks, limits, eps, samples, space="s
     total = {k: 0.0 for k in masks}
     directions = directions_for(graph, weights, masks, space=space)
     for seed in range(samples):
-        est = estimate(loss_at, weights, directions, limits, step_seed=seed, m=1, eps=eps,
+        est = estimate(one_by_one(loss_at), weights, directions, limits, step_seed=seed, m=1, eps=eps,
                        distribution="gaussian", method="spsa")
         p, g = est.perturbations[0], est.projected[0]
         for key, d in p.delta.items():
@@ -144,7 +144,7 @@ def test_update_moves_against_the_gradient_and_saturates(digits_graph):
     before = loss_at(weights)
     directions = directions_for(graph, weights, masks)
     for step in range(30):
-        est = estimate(loss_at, weights, directions, limits, step_seed=step, m=8, eps=1.0,
+        est = estimate(one_by_one(loss_at), weights, directions, limits, step_seed=step, m=8, eps=1.0,
                        distribution="gaussian", method="spsa")
         weights = apply_update(graph, weights, est, 2.0, 1.0, limits, step)
     assert loss_at(weights) < before

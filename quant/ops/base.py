@@ -95,3 +95,24 @@ class WeightedNode(Node):
 
     def run(self, kernels, xs, rounding, overrides=None):
         return self.compute(kernels, xs[0], *self.weights_from(overrides), self.output_spec(rounding))
+
+    @property
+    def widens(self) -> bool:
+        """Whether copies of this layer with other weights can run as one layer with their output channels
+        side by side (every output channel reads the whole input: not a grouped convolution)."""
+        return True
+
+    def run_wide(self, kernels, x: np.ndarray, weight_sets: list[dict], rounding: str) -> list[np.ndarray]:
+        """The outputs on one input ``x`` of the layer under each of ``weight_sets``, from one kernel call:
+        the sets' weights stacked along the output channels (each with its own bias and multiplier), so
+        the input is read, padded and unfolded once. Each output channel is computed as in its own call,
+        so the integers are those of separate calls."""
+        pairs = [self.weights_from(w) for w in weight_sets]
+        out = self.output_spec(rounding)
+        rq, copies = out.requant, len(pairs)
+        if rq.float32.size > 1:
+            rq = Requant(*(np.tile(a, copies) for a in (rq.float32, rq.mantissa, rq.shift)))
+        wide = OutputSpec(rq, out.zero_point, out.qmin, out.qmax, out.mode, out.dtype)
+        y = self.compute(kernels, x, np.concatenate([w for w, _ in pairs]), np.concatenate([b for _, b in pairs]),
+                         wide)
+        return np.split(y, copies, axis=1)

@@ -370,6 +370,10 @@ class QConv(WeightedNode):
     def compute(self, kernels, x, weight, bias, out):
         return kernels.conv(x, self.in_params.zero_point, weight, bias, self.geometry, out)
 
+    @property
+    def widens(self) -> bool:
+        return self.geometry.groups == 1
+
     def macs(self, in_shapes, out_shape):
         o, cg, kh, kw = self.weight.shape
         return int(np.prod(out_shape)) * cg * kh * kw
