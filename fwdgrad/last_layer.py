@@ -152,7 +152,8 @@ class LastLayerGradient:
         g = (route * dfeature[:, :, None, None]).reshape(len(a_int), node.weight.shape[0], -1)
         a = a_int[:, self.channels].astype(np.int64).reshape(len(a_int), len(self.channels), -1) \
             - node.in_params.zero_point
-        weight = np.einsum("bop,bip->oi", g.astype(np.float64), a.astype(np.float64))  # exact below 2**53
+        # a BLAS product over batch and positions; integer-valued float64 sums are exact below 2**53, in any order
+        weight = np.tensordot(g.astype(np.float64), a.astype(np.float64), axes=([0, 2], [0, 2]))
         bias = g.sum(axis=(0, 2)).astype(np.float64)
         self.weight = weight if self.weight is None else self.weight + weight
         self.bias = bias if self.bias is None else self.bias + bias

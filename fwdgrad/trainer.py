@@ -96,9 +96,10 @@ class Trainer:
 
     # ---- state ----------------------------------------------------------------------------------------
     def initial_weights(self) -> dict:
-        """Every layer's weights and bias (trained or not, so a checkpoint is the whole model)."""
-        return {k: v.copy() for n in self.graph.weighted_nodes() for k, v in ((n.weight_key, n.weight),
-                                                                               (n.bias_key, n.bias))}
+        """Every layer's weights and bias (trained or not, so a checkpoint is the whole model): the graph's own
+        read-only arrays, which updates replace rather than edit, so that the kernels' packings of the layers
+        a run never trains are the graph's, made once."""
+        return {k: v for n in self.graph.weighted_nodes() for k, v in ((n.weight_key, n.weight), (n.bias_key, n.bias))}
 
     def save(self, state: dict, weights: dict, momentum: dict) -> None:
         save_checkpoint(self.ckpt, state, weights, momentum)

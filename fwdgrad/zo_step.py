@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from quant.graph import QGraph
+from quant.ops.packing import freeze
 
 from .config import TrainConfig
 from .directions import Directions, directions_for
@@ -200,4 +201,6 @@ class ZOStep:
             weights.update(apply_update(self.graph, weights, est, self.learning_rate(step), cfg.eps, self.limits,
                                         seed, momentum if cfg.momentum > 0 else None, cfg.momentum))
         self.apply_exact(weights, exact, step, seed)
+        for array in weights.values():  # constants until the next update: kernels keep their packings
+            freeze(array)
         return float(np.mean(est.losses)), est.forward_calls
