@@ -72,15 +72,22 @@ class Directions:
         """The perturbations of ``seeds`` at ``weights``, in a canonical order (arrays in mask order)."""
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"unknown perturbation {distribution!r}: use one of {', '.join(DISTRIBUTIONS)}")
-        sizes = self.sizes()
-        zs = [_draw_z(seed, sizes, distribution) for seed in seeds]
+        sizes, units = self.sizes(), self.units_at(weights)
+        zs = (_draw_z(seed, sizes, distribution) for seed in seeds)  # one draw alive at a time
         if self.orthogonal:
-            zs = _orthonormalised(zs, sizes)
-        units = self.units_at(weights)
-        return [Perturbation(seed, self.masks, {k: np.rint(eps * units[k] * (z[k] if self.groups[k] is None
-                                                                             else z[k][self.groups[k]])).astype(np.int64)
+            zs = _orthonormalised(list(zs), sizes)
+        return [Perturbation(seed, self.masks, {k: _integers(eps * units[k] * (z[k] if self.groups[k] is None
+                                                                            else z[k][self.groups[k]]))
                                                 for k in self.masks})
                 for seed, z in zip(seeds, zs)]
+
+
+def _integers(values: np.ndarray) -> np.ndarray:
+    """Rounded to integers, in the narrowest of int16 / int32 / int64 that holds them (a step keeps m of them
+    until its update: int16 is a quarter of int64's memory)."""
+    rounded = np.rint(values)
+    largest = float(np.abs(rounded).max()) if rounded.size else 0.0
+    return rounded.astype(next(t for t in (np.int16, np.int32, np.int64) if largest <= np.iinfo(t).max))
 
 
 def _draw_z(seed: int, sizes: dict[str, int], distribution: str) -> dict[str, np.ndarray]:

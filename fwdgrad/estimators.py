@@ -12,6 +12,7 @@ arXiv 2411.04036):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Callable
 
 import numpy as np
@@ -36,15 +37,15 @@ def seeds_for(step_seed: int, m: int, offset: int = 0) -> list[int]:
 
 def one_by_one(loss_at: Callable[[dict], float]) -> Callable[[list[dict]], list[float]]:
     """``losses_at`` from a function of one weight set (one forward call each)."""
-    return lambda sets: [loss_at(w) for w in sets]
+    return lambda sets: [loss_at(w) for w in sets]  # each set made as it is reached
 
 
 def estimate(losses_at: Callable[[list[dict]], list[float]], weights: dict, directions: Directions, limits: dict, *,
              step_seed: int, m: int, eps: float, distribution: str, method: str, rho: float = 0.0) -> Estimate:
     """The step's perturbations and projected gradients along ``directions`` (``fwdgrad.directions``: what
     is perturbed, in which integer units). ``losses_at(weight sets) -> losses`` makes one forward call per
-    set; it gets the 2m sets of a pass at once (w + delta_1, w - delta_1, w + delta_2, ...), so that it can
-    run their copies of a shared layer together."""
+    set; it gets the 2m sets of a pass together (``PerturbedSets``: w + delta_1, w - delta_1, w + delta_2,
+    ..., each made when read), so that it can run their copies of a shared layer together."""
     if method not in ESTIMATORS:
         raise ValueError(f"unknown estimator {method!r}: use one of {', '.join(ESTIMATORS)}")
     centre, calls = weights, 0
@@ -59,9 +60,28 @@ def estimate(losses_at: Callable[[list[dict]], list[float]], weights: dict, dire
     return result
 
 
+class PerturbedSets(Sequence):
+    """The 2m weight sets of a pass, ``w + delta_1, w - delta_1, w + delta_2, ...``, each made when it is
+    read (an item or a slice), so that only the sets a caller holds are in memory."""
+
+    def __init__(self, weights: dict, perturbations: list[Perturbation], limits: dict):
+        self.weights, self.perturbations, self.limits = weights, perturbations, limits
+
+    def __len__(self) -> int:
+        return 2 * len(self.perturbations)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        p = self.perturbations[i % len(self) // 2]
+        return p.apply(self.weights, -1 if i % 2 else +1, self.limits)
+
+
 def _pairs(losses_at, weights, directions, limits, seeds, eps, distribution, use_sign) -> Estimate:
     perturbations = directions.draw(seeds, weights, eps, distribution)
-    losses = losses_at([p.apply(weights, sign, limits) for p in perturbations for sign in (+1, -1)])
+    losses = losses_at(PerturbedSets(weights, perturbations, limits))
     pairs = zip(losses[::2], losses[1::2])
     projected = [float(np.sign(plus - minus)) if use_sign else (plus - minus) / (2 * eps) for plus, minus in pairs]
     return Estimate(perturbations, projected, losses, 2 * len(seeds))

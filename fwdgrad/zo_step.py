@@ -125,25 +125,26 @@ class ZOStep:
         channels = self.last_channels(masks)
         last = LastLayerGradient(self.last, self.head, channels) if channels is not None else None
 
-        def run(env, begin, until, w):
-            return graph.advance(env, begin, until, weights=w, backend=cfg.backend, varying=varying)
+        def run(env, begin, until, w, consume=False):
+            return graph.advance(env, begin, until, weights=w, backend=cfg.backend, varying=varying, consume=consume)
 
         def loss_from(env, begin, w):
             """The loss of one call with weights ``w``, ``env`` holding the tensors before node ``begin``
-            (None: after the last node)."""
+            (None: after the last node); an ``env`` of its own (not the shared cache) is used up."""
+            own = env is not cache
             if head is None:
                 logits = env[graph.output_name] if begin is None else graph.forward(
-                    env, start=begin, weights=w, backend=cfg.backend, varying=varying)
+                    env, start=begin, weights=w, backend=cfg.backend, varying=varying, consume=own)
                 return self.loss(logits, y)
             if last is not None:
                 node = self.last.node
-                at_last = run(env, begin, node.name, w)
+                at_last = run(env, begin, node.name, w, own)
                 a = at_last[node.inputs[0]]
                 after = run(at_last, node.name, self.last.after, w)
                 y_int = after[node.output]
                 at_head = run(after, self.last.after, self.head.name, w)
             else:
-                at_head = run(env, begin, self.head.name, w)
+                at_head = run(env, begin, self.head.name, w, own)
             logits = graph.forward(at_head, start=self.head.name, weights=w, backend=cfg.backend, varying=varying)
             head.add(at_head[self.head.inputs[0]], logits, y, graph.output_params)
             if last is not None:
@@ -157,8 +158,11 @@ class ZOStep:
                 return [loss_from(cache, start, w) for w in sets]
             index = graph.index(start) + 1
             begin = graph.nodes[index].name if index < len(graph.nodes) else None
-            envs = graph.advance_each(cache, start, sets, backend=cfg.backend, varying=varying)
-            return [loss_from(env, begin, w) for env, w in zip(envs, sets)]
+            losses = []
+            for env, w in graph.advance_each(cache, start, sets, backend=cfg.backend, varying=varying):
+                losses.append(loss_from(env, begin, w))
+                del env, w  # before the next copy is made: one copy's activations and weights at a time
+            return losses
 
         seed = step_seed(cfg.seed, step)
         perturbed = self.perturbed(masks)

@@ -9,7 +9,7 @@ Tensors are freed after their last use (liveness), as an MCU arena would.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -113,53 +113,68 @@ class QGraph:
         return self._execute(env, 0, self.index(until), backend, weights, rounding or self.rounding, varying)
 
     def advance(self, cache: dict, start: str, until: str, *, weights: dict | None = None, backend="numba",
-                rounding: str | None = None, varying: frozenset | None = None) -> dict:
+                rounding: str | None = None, varying: frozenset | None = None, consume: bool = False) -> dict:
         """Run the nodes from ``start`` up to (not including) ``until`` on a ``prefix`` cache and return the
-        tensors live there: the cache at ``until`` (what a trainer reads the head's input features from)."""
+        tensors live there: the cache at ``until`` (what a trainer reads the head's input features from).
+        ``consume``: run on ``cache`` itself, freeing its tensors as they die, instead of on a copy (for a
+        caller that has no more use for it: its tensors are then not held for the whole call)."""
         rounding = check_rounding(rounding or self.rounding)
-        return self._execute(dict(cache), self.index(start), self.index(until), backend, weights, rounding,
-                             varying)
+        return self._execute(cache if consume else dict(cache), self.index(start), self.index(until), backend,
+                             weights, rounding, varying)
 
-    def advance_each(self, cache: dict, start: str, weight_sets: list[dict], *, backend="numba",
-                     rounding: str | None = None, varying: frozenset | None = None) -> Iterator[dict]:
-        """For each of ``weight_sets`` in turn, the cache after node ``start`` (run from a ``prefix`` cache).
+    def advance_each(self, cache: dict, start: str, weight_sets: Sequence[dict], *, backend="numba",
+                     rounding: str | None = None, varying: frozenset | None = None) -> Iterator[tuple[dict, dict]]:
+        """For each of ``weight_sets`` in turn, (the cache after node ``start``, run from a ``prefix`` cache,
+        and the weight set): a set is read from ``weight_sets`` once, so a lazy sequence is made once.
 
         A trainer's perturbed copies of one layer read the same input: on a kernel backend, copies of a
         dense layer run together as one wider layer (``WeightedNode.run_wide``: one unfolding of the input,
         one packing, one call), in chunks whose outputs together take no more memory than the layer's input
-        or 1 MB. The integers are those of separate calls."""
+        or 1 MB. The integers are those of separate calls. Take each cache before asking for the next: the
+        generator holds none of them."""
         rounding = check_rounding(rounding or self.rounding)
         first = self.index(start)
         node = self.nodes[first]
         if segment_runner(backend) is not None or not isinstance(node, WeightedNode) or not node.widens:
-            for w in weight_sets:
-                yield self._execute(dict(cache), first, first + 1, backend, w, rounding, varying)
+            for i in range(len(weight_sets)):
+                w = weight_sets[i]
+                yield self._execute(dict(cache), first, first + 1, backend, w, rounding, varying), w
             return
         kernels = get_backend(backend)
-        one = self.run_nodes(dict(cache), first, first + 1, kernels, weight_sets[0], rounding)
-        yield one
+        w = weight_sets[0]
+        env = self.run_nodes(dict(cache), first, first + 1, kernels, w, rounding)
         x = cache[node.inputs[0]]
-        chunk = max(1, max(x.nbytes, WIDE_OUTPUT_BYTES) // max(1, one[node.output].nbytes))
+        chunk = max(1, max(x.nbytes, WIDE_OUTPUT_BYTES) // max(1, env[node.output].nbytes))
+        yield env, w
+        del env, w
+        if chunk == 1:
+            for i in range(1, len(weight_sets)):
+                w = weight_sets[i]
+                yield self.run_nodes(dict(cache), first, first + 1, kernels, w, rounding), w
+            return
         dead = [t for t in node.inputs if self._last_use.get(t) == first and t != self.output_name]
         for begin in range(1, len(weight_sets), chunk):
-            outputs = node.run_wide(kernels, x, weight_sets[begin:begin + chunk], rounding)
-            for y in outputs:
+            sets = weight_sets[begin:begin + chunk]
+            outputs = node.run_wide(kernels, x, sets, rounding)
+            for i in range(len(outputs)):
                 env = {t: v for t, v in cache.items() if t not in dead}
-                env[node.output] = y
-                yield env
+                env[node.output], outputs[i] = np.ascontiguousarray(outputs[i]), None
+                yield env, sets[i]
+                del env
 
     def forward(self, x, *, weights: dict | None = None, start: str | None = None, backend="numba",
-                rounding: str | None = None, varying: frozenset | None = None) -> np.ndarray:
+                rounding: str | None = None, varying: frozenset | None = None, consume: bool = False) -> np.ndarray:
         """Integer output for input ``x`` (float array, integer array, or with ``start`` a ``prefix`` cache).
         ``varying``: the weight keys that change from call to call (a trainer's selection); a segment backend
-        keeps every other layer's ``weights`` fixed in its session, so name every key that may change."""
+        keeps every other layer's ``weights`` fixed in its session, so name every key that may change.
+        ``consume``: as for ``advance``."""
         rounding = check_rounding(rounding or self.rounding)
         if start is None:
             env, first = {self.input_name: self.quantize_input(x)}, 0
         else:
             if not isinstance(x, dict):
                 raise TypeError("with start=, pass the dict returned by graph.prefix(x, until=start)")
-            env, first = dict(x), self.index(start)
+            env, first = (x if consume else dict(x)), self.index(start)
         return self._execute(env, first, len(self.nodes), backend, weights, rounding, varying)[self.output_name]
 
     def _execute(self, env: dict, first: int, last: int, backend, weights: dict | None, rounding: str,

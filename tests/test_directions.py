@@ -132,7 +132,7 @@ def test_copies_of_a_layer_run_together_give_the_integers_of_separate_calls(resi
     limit = data.draw(st.sampled_from([1, quant.graph.WIDE_OUTPUT_BYTES]))
     saved, quant.graph.WIDE_OUTPUT_BYTES = quant.graph.WIDE_OUTPUT_BYTES, limit  # 1: one copy per call
     try:
-        together = list(graph.advance_each(cache, node.name, sets, backend=backend))
+        together = [env for env, _ in graph.advance_each(cache, node.name, sets, backend=backend)]
     finally:
         quant.graph.WIDE_OUTPUT_BYTES = saved
     after = graph.nodes[graph.index(node.name) + 1].name if node is not graph.nodes[-1] else None
