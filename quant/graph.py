@@ -122,25 +122,30 @@ class QGraph:
         return self._execute(cache if consume else dict(cache), self.index(start), self.index(until), backend,
                              weights, rounding, varying)
 
+    def widens(self, name: str, backend="numba") -> bool:
+        """Whether ``advance_each`` runs copies of node ``name`` together: a dense layer on a kernel backend
+        (a segment backend runs whole segments; splitting one at each copy's first layer would cost a call)."""
+        node = self.node(name)
+        return segment_runner(backend) is None and isinstance(node, WeightedNode) and node.widens
+
     def advance_each(self, cache: dict, start: str, weight_sets: Sequence[dict], *, backend="numba",
                      rounding: str | None = None, varying: frozenset | None = None) -> Iterator[tuple[dict, dict]]:
         """For each of ``weight_sets`` in turn, (the cache after node ``start``, run from a ``prefix`` cache,
         and the weight set): a set is read from ``weight_sets`` once, so a lazy sequence is made once.
 
-        A trainer's perturbed copies of one layer read the same input: on a kernel backend, copies of a
-        dense layer run together as one wider layer (``WeightedNode.run_wide``: one unfolding of the input,
+        A trainer's perturbed copies of one layer read the same input: on a kernel backend (the only ones
+        taken), copies of a dense layer run together as one wider layer (``WeightedNode.run_wide``: one unfolding of the input,
         one packing, one call), in chunks whose outputs together take no more memory than the layer's input
         or 1 MB. The integers are those of separate calls. Take each cache before asking for the next: the
         generator holds none of them."""
         rounding = check_rounding(rounding or self.rounding)
         first = self.index(start)
-        node = self.nodes[first]
-        if segment_runner(backend) is not None or not isinstance(node, WeightedNode) or not node.widens:
+        node, kernels = self.nodes[first], get_backend(backend)
+        if not self.widens(start, backend):
             for i in range(len(weight_sets)):
                 w = weight_sets[i]
-                yield self._execute(dict(cache), first, first + 1, backend, w, rounding, varying), w
+                yield self.run_nodes(dict(cache), first, first + 1, kernels, w, rounding), w
             return
-        kernels = get_backend(backend)
         w = weight_sets[0]
         env = self.run_nodes(dict(cache), first, first + 1, kernels, w, rounding)
         x = cache[node.inputs[0]]
