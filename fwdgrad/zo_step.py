@@ -154,7 +154,8 @@ class ZOStep:
         def losses_at(sets):
             """The losses of the step's calls: when they all perturb the first node they run, its copies run
             as one wider layer (QGraph.advance_each) and each call goes on from the node after it."""
-            if start not in {k.rsplit(".", 1)[0] for k in self.perturbed(masks)} or not graph.widens(start, cfg.backend):
+            perturbed_first = start in {k.rsplit(".", 1)[0] for k in self.perturbed(masks)}
+            if not perturbed_first or not graph.widens(start, cfg.backend):
                 return [loss_from(cache, start, w) for w in sets]
             index = graph.index(start) + 1
             begin = graph.nodes[index].name if index < len(graph.nodes) else None

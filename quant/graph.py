@@ -133,11 +133,11 @@ class QGraph:
         """For each of ``weight_sets`` in turn, (the cache after node ``start``, run from a ``prefix`` cache,
         and the weight set): a set is read from ``weight_sets`` once, so a lazy sequence is made once.
 
-        A trainer's perturbed copies of one layer read the same input: on a kernel backend (the only ones
-        taken), copies of a dense layer run together as one wider layer (``WeightedNode.run_wide``: one unfolding of the input,
-        one packing, one call), in chunks whose outputs together take no more memory than the layer's input
-        or 1 MB. The integers are those of separate calls. Take each cache before asking for the next: the
-        generator holds none of them."""
+        A trainer's perturbed copies of one layer read the same input: on a kernel backend (the only kind
+        taken), copies of a dense layer run together as one wider layer (``WeightedNode.run_wide``: one
+        unfolding of the input, one packing, one call), in chunks whose outputs together take no more memory
+        than the layer's input or 1 MB. The integers are those of separate calls. Take each cache before
+        asking for the next: the generator holds none of them."""
         rounding = check_rounding(rounding or self.rounding)
         first = self.index(start)
         node, kernels = self.nodes[first], get_backend(backend)

@@ -129,10 +129,11 @@ def measure(resolution: int, batch: int, repeats: int) -> dict:
 
 def render(results: list[dict]) -> str:
     lines = [BEGIN, "## Where the time goes (`scripts/profile_nodes.py`)", "",
-             f"MobileNetV2 (ImageNet) on this machine ({platform.processor() or platform.machine()} {int8_features()}), "
-             "one forward, measured in one run: our numba backend node by node (each node's fastest call over the "
-             "repeats, summed by kind; the whole call beside it), onnxruntime int8 (its own quantize_static QOperator model, u8 activations, "
-             "s8 per-channel weights) by its profiler (median run), its nodes put in the same kinds. Ratio = "
+             f"MobileNetV2 (ImageNet) on this machine ({platform.processor() or platform.machine()} "
+             f"{int8_features()}), one forward, measured in one run: our numba backend node by node (each node's "
+             "fastest call over the repeats, summed by kind; the whole call beside it), onnxruntime int8 (its own "
+             "quantize_static QOperator model, u8 activations, s8 per-channel weights) by its profiler (median run), "
+             "its nodes put in the same kinds. Ratio = "
              "onnxruntime's time / ours (below 1: we are slower). Kinds only one engine has (onnxruntime's "
              "QuantizeLinear / Transpose at the model's edges, our Reshape) are listed as they are.", ""]
     for r in results:
