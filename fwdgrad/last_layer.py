@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from quant.backends import get_backend
 from quant.graph import QGraph
@@ -32,6 +33,8 @@ from quant.tensor import QParams
 
 from .head import softmax_q16
 from .loss import LOSS_FRACTION_BITS
+
+_BLAS = ThreadpoolController()  # numpy's BLAS, held to one thread where it runs beside numba's
 
 CHAIN_OPS = (QClamp, QAdd, QMaxPool)  # what may stand between L and the global pool
 
@@ -152,8 +155,11 @@ class LastLayerGradient:
         g = (route * dfeature[:, :, None, None]).reshape(len(a_int), node.weight.shape[0], -1)
         a = a_int[:, self.channels].astype(np.int64).reshape(len(a_int), len(self.channels), -1) \
             - node.in_params.zero_point
-        # a BLAS product over batch and positions; integer-valued float64 sums are exact below 2**53, in any order
-        weight = np.tensordot(g.astype(np.float64), a.astype(np.float64), axes=([0, 2], [0, 2]))
+        # a BLAS product over batch and positions (integer-valued float64 sums are exact below 2**53, in any
+        # order), on one thread: numpy's BLAS threads would spin on after it, against the engine's numba threads
+        # (measured: they made the next kernels twice as slow)
+        with _BLAS.limit(limits=1, user_api="blas"):
+            weight = np.tensordot(g.astype(np.float64), a.astype(np.float64), axes=([0, 2], [0, 2]))
         bias = g.sum(axis=(0, 2)).astype(np.float64)
         self.weight = weight if self.weight is None else self.weight + weight
         self.bias = bias if self.bias is None else self.bias + bias
