@@ -7,8 +7,8 @@ The settings that shape it (each studied on its own in docs/results.md):
 - ``zo_params = "weights"`` (MeZO): one entry of ``z`` per selected weight and bias;
 - ``zo_params = "scale-bias"`` (BitFit, TinyTL, SSF: a tiny dimension): one entry per output channel of a
   selected layer, which scales that channel's weights, ``w[o] -> w[o] (1 + eps z_o)`` (the change of the
-  channel's requantization multiplier, folded into its 16-bit weights), and one per bias entry when biases
-  train;
+  channel's requantization multiplier, folded into its 16-bit weights; ``eps`` is a relative change in
+  ``real`` space, in 8-bit steps of 1/128 in ``steps`` space), and one per bias entry when biases train;
 - ``zo_sparsity = s`` (Sparse MeZO, arXiv 2402.15751): only the selected weights whose magnitude is at most
   the layer's ``1 - s`` quantile are perturbed, as ZO noise hurts large weights most;
 - ``directions = "orthogonal"`` (Flügel et al., arXiv 2410.17764): the step's m draws are orthonormalised
@@ -30,6 +30,7 @@ from .perturb import DISTRIBUTIONS, Perturbation, node_of, perturbation_units
 ZO_PARAMS = ("weights", "scale-bias")
 DIRECTIONS = ("independent", "orthogonal")
 LR_SCALES = ("none", "dimension", "layer")
+SCALE_STEP = 1 / 128  # in ``steps`` space a scale moves by 8-bit steps of 1: eps 2 is a 1.6% change
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Directions:
     groups: dict[str, np.ndarray | None]
     scaled: frozenset = frozenset()
     orthogonal: bool = False
+    scale_step: float = 1.0  # a scale's change per unit of eps: 1 in real units, 1/128 in 8-bit steps
 
     def sizes(self) -> dict[str, int]:
         """Entries of ``z`` per array."""
@@ -54,7 +56,7 @@ class Directions:
 
     def units_at(self, weights: dict) -> dict[str, np.ndarray]:
         """The units at the current weights (a scaled channel moves in proportion to its weights)."""
-        return {k: weights[k][self.masks[k]].astype(np.float64) if k in self.scaled else u
+        return {k: weights[k][self.masks[k]].astype(np.float64) * self.scale_step if k in self.scaled else u
                 for k, u in self.units.items()}
 
     def lr_factors(self, lr_scale: str) -> dict[str, float]:
@@ -142,7 +144,8 @@ def directions_for(graph, weights: dict, masks: dict[str, np.ndarray], *, space:
         units = perturbation_units(graph, {k: m for k, m in masks.items() if k not in scaled}, space)
         units |= {k: np.empty(0) for k in scaled}  # the current weights, drawn at each step (units_at)
         groups = {k: np.nonzero(m)[0] if k in scaled else None for k, m in masks.items()}  # output channel
-        return Directions(masks, units, groups, scaled, orthogonal == "orthogonal")
+        return Directions(masks, units, groups, scaled, orthogonal == "orthogonal",
+                          1.0 if space == "real" else SCALE_STEP)
     masks = sparse_masks(weights, masks, sparsity)
     return Directions(masks, perturbation_units(graph, masks, space), dict.fromkeys(masks), frozenset(),
                       orthogonal == "orthogonal")

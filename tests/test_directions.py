@@ -157,3 +157,19 @@ def test_a_run_with_widened_copies_ends_on_the_integers_of_one_call_at_a_time(re
     monkeypatch.setattr(WeightedNode, "widens", property(lambda self: False))
     alone = Trainer(graph, data, TrainConfig(**settings), tmp_path / "alone").run()
     assert widened["weights_sha256"] == alone["weights_sha256"]
+
+
+@pytest.mark.parametrize("space, step", [("real", 1.0), ("steps", 1 / 128)])
+def test_a_scale_moves_by_eps_in_its_space(digits_graph, space, step):
+    """eps is a relative scale change in real space and counts 8-bit steps of 1/128 in steps space (train's
+    default: eps 2 moves a channel by 1.6%, not by 200%)."""
+    graph, _, _ = digits_graph
+    head = graph.weighted_nodes()[-1]
+    weights = {head.weight_key: head.weight, head.bias_key: head.bias}
+    directions = directions_for(graph, weights, whole_layer(graph, head), space=space, zo_params="scale-bias")
+    p, = directions.draw([5], weights, 2.0)
+    w = head.weight.astype(np.float64)
+    large = np.abs(w) > 1000
+    ratio = p.delta[head.weight_key].reshape(w.shape)[large] / w[large]
+    assert 0 < np.abs(ratio).max() < 2.0 * step * 5  # |z| < 5
+    assert np.abs(ratio).max() > 2.0 * step * 0.1
