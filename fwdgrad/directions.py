@@ -50,10 +50,6 @@ class Directions:
         """Entries of ``z`` per array."""
         return {k: int(self.masks[k].sum()) if g is None else int(g.max()) + 1 for k, g in self.groups.items()}
 
-    @property
-    def dimension(self) -> int:
-        return sum(self.sizes().values())
-
     def units_at(self, weights: dict) -> dict[str, np.ndarray]:
         """The units at the current weights (a scaled channel moves in proportion to its weights)."""
         return {k: weights[k][self.masks[k]].astype(np.float64) * self.scale_step if k in self.scaled else u

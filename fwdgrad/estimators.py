@@ -11,8 +11,8 @@ arXiv 2411.04036):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np

@@ -180,8 +180,9 @@ class ZOStep:
             self._directions = (masks, period_directions(self.graph, self.config, weights, self.perturbed(masks)))
         return self._directions[1]
 
-    def learning_rate(self, step: int) -> float:
-        """The ZO update size of ``step`` for the current selection (after ``gradient`` drew it)."""
+    def learning_rate(self, step: int) -> dict[str, float]:
+        """The ZO update size of ``step`` per perturbed array, for the current selection (after ``gradient``
+        drew it)."""
         return step_learning_rate(self.config, step, self.total_steps, self._directions[1])
 
     def exact_learning_rate(self, step: int) -> float:

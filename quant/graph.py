@@ -141,21 +141,21 @@ class QGraph:
         rounding = check_rounding(rounding or self.rounding)
         first = self.index(start)
         node, kernels = self.nodes[first], get_backend(backend)
-        if not self.widens(start, backend):
-            for i in range(len(weight_sets)):
-                w = weight_sets[i]
-                yield self.run_nodes(dict(cache), first, first + 1, kernels, w, rounding), w
-            return
+
+        def alone(w):
+            return self.run_nodes(dict(cache), first, first + 1, kernels, w, rounding)
+
         w = weight_sets[0]
-        env = self.run_nodes(dict(cache), first, first + 1, kernels, w, rounding)
+        env = alone(w)
         x = cache[node.inputs[0]]
-        chunk = max(1, max(x.nbytes, WIDE_OUTPUT_BYTES) // max(1, env[node.output].nbytes))
+        chunk = max(1, max(x.nbytes, WIDE_OUTPUT_BYTES) // max(1, env[node.output].nbytes)) \
+            if self.widens(start, backend) else 1
         yield env, w
         del env, w
         if chunk == 1:
             for i in range(1, len(weight_sets)):
                 w = weight_sets[i]
-                yield self.run_nodes(dict(cache), first, first + 1, kernels, w, rounding), w
+                yield alone(w), w
             return
         dead = [t for t in node.inputs if self._last_use.get(t) == first and t != self.output_name]
         for begin in range(1, len(weight_sets), chunk):

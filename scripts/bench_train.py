@@ -46,7 +46,8 @@ def _setup(width: int, batch: int):
     return net, graph, x[:batch], np.asarray(data.labels[:batch])
 
 
-def _best(fn, repeats: int) -> float:
+def best_seconds(fn, repeats: int) -> float:
+    """The fastest of ``repeats`` calls of ``fn``, after one call to warm it up."""
     fn()
     times = []
     for _ in range(repeats):
@@ -74,7 +75,7 @@ def zo_step_seconds(graph, x, y, selection: str, backend: str, repeats: int, hea
     chosen = {n.name: np.arange(input_channels(n)) for n in nodes}
     masks = selection_masks(graph, chosen, cfg.train_bias)
     weights = trainer.initial_weights()
-    return _best(lambda: trainer.step(dict(weights), {}, masks, chosen, x, y, 0), repeats)
+    return best_seconds(lambda: trainer.step(dict(weights), {}, masks, chosen, x, y, 0), repeats)
 
 
 def torch_step_seconds(net, x, y, repeats: int) -> float:
@@ -89,7 +90,7 @@ def torch_step_seconds(net, x, y, repeats: int) -> float:
         loss.backward()
         optimizer.step()
     net.train()
-    return _best(step, repeats)
+    return best_seconds(step, repeats)
 
 
 def peak_memory(kind: str, width: int, batch: int) -> int:
@@ -127,7 +128,7 @@ def measure(widths, batches, repeats: int) -> list[dict]:
     for width in widths:
         for batch in batches:
             net, graph, x, y = _setup(width, batch)
-            forward = _best(lambda: graph.forward(x), repeats)
+            forward = best_seconds(lambda: graph.forward(x), repeats)
             row = {"width": width, "batch": batch, "forward_s": forward,
                    "zo_all_s": zo_step_seconds(graph, x, y, "all", "numba", repeats),
                    "zo_last_s": zo_step_seconds(graph, x, y, "last-layer", "numba", repeats),

@@ -22,6 +22,7 @@ import onnx
 import onnxruntime as ort
 
 from bench_engine import int8_features, onnxruntime_int8
+from bench_train import best_seconds
 from doc_sections import markdown_table, write_section
 from fwdgrad.data.photos import real_photos
 from fwdgrad.models.zoo import model_onnx
@@ -61,17 +62,8 @@ def our_profile(graph, x: np.ndarray, repeats: int) -> dict[str, float]:
     totals = defaultdict(float)
     for i, seconds in best.items():
         totals[kind(graph.nodes[i])] += seconds
-    totals[WALL] = fastest(lambda: graph.forward(x), repeats)
+    totals[WALL] = best_seconds(lambda: graph.forward(x), repeats)
     return dict(totals)
-
-
-def fastest(run, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def onnx_kinds(model: Path) -> dict[str, str]:
@@ -111,9 +103,8 @@ def onnxruntime_profile(model: Path, x: np.ndarray, repeats: int) -> dict[str, f
             runs[kinds.get(name, event["args"]["op_name"])][index] += event["dur"]
     profile = {op: float(np.median(list(per_run.values())[1:] or list(per_run.values()))) * 1e-6
                for op, per_run in runs.items()}
-    plain = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    plain.run(None, {"input": x})
-    return profile | {WALL: fastest(lambda: plain.run(None, {"input": x}), repeats)}
+    plain = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])  # timed without the profiler
+    return profile | {WALL: best_seconds(lambda: plain.run(None, {"input": x}), repeats)}
 
 
 def measure(resolution: int, batch: int, repeats: int) -> dict:
