@@ -112,6 +112,9 @@ class TrainConfig:
             raise ValueError(f"budget = {self.budget!r}: {err}") from None
         if size < 1:
             raise ValueError(f"budget = {self.budget!r}: must hold at least one byte, e.g. 8KB")
+        if self.zo_sparsity > 0 and self.zo_params == "scale-bias":
+            raise ValueError(f"zo_sparsity = {self.zo_sparsity} masks weights, but zo_params = 'scale-bias' perturbs "
+                             f"channel scales, which move every weight of a channel: drop one of the two")
         self._check_model()
         self._check_dataset()
         self.check_device_widths()

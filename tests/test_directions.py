@@ -173,3 +173,10 @@ def test_a_scale_moves_by_eps_in_its_space(digits_graph, space, step):
     ratio = p.delta[head.weight_key].reshape(w.shape)[large] / w[large]
     assert 0 < np.abs(ratio).max() < 2.0 * step * 5  # |z| < 5
     assert np.abs(ratio).max() > 2.0 * step * 0.1
+
+
+def test_a_sparse_mask_and_scale_directions_are_refused_together():
+    from fwdgrad.config import ConfigError
+
+    with pytest.raises((ValueError, ConfigError), match="zo_sparsity = 0.5 masks weights.*drop one of the two"):
+        TrainConfig(zo_params="scale-bias", zo_sparsity=0.5)
