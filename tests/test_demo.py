@@ -2,7 +2,7 @@
 import json
 
 from fwdgrad.cli import main
-from fwdgrad.demo import DEVICE
+from fwdgrad.demo import DEVICE, PURE_ZO_LONGER
 
 
 def test_demo_trains_exports_and_verifies(tmp_path, capsys):
@@ -10,14 +10,15 @@ def test_demo_trains_exports_and_verifies(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--epochs", "1", "--samples", "300", "--workers", "1"]) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "demo.json").read_text())
-    pure, hybrid, bp, bp_fq = summary["rows"]
+    pure, pure_longer, hybrid, bp, bp_fq = summary["rows"]
     assert summary["device"] == DEVICE == "cortex-m4"
-    assert (pure["head_update"], hybrid["head_update"]) == ("zo", "exact-last")
+    assert (pure["head_update"], pure_longer["head_update"], hybrid["head_update"]) == ("zo", "zo", "exact-last")
     # every run starts from the same integers, on the same task and schedule
-    assert pure["zero_shot_top1"] == hybrid["zero_shot_top1"] == bp["zero_shot_top1"] == bp_fq["zero_shot_top1"]
+    assert pure["zero_shot_top1"] == pure_longer["zero_shot_top1"] == hybrid["zero_shot_top1"] == bp["zero_shot_top1"] == bp_fq["zero_shot_top1"]
     assert (bp["method"], bp_fq["method"]) == ("bp", "bp-fq")
     assert 0.1 < pure["zero_shot_top1"] < 0.9
     steps = -(-300 // 8)
+    assert pure_longer["forward_calls"] == PURE_ZO_LONGER * pure["forward_calls"]
     assert pure["forward_calls"] == hybrid["forward_calls"] == 2 * 4 * steps and bp["forward_calls"] == bp_fq["forward_calls"] == steps
     # forward-only training fits the MCU with less memory than backprop needs; the exported file is the model
     assert pure["inference_bytes"] <= pure["zo_bytes"] <= hybrid["zo_bytes"] < bp["bp_bytes"]
