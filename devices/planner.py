@@ -116,6 +116,7 @@ class TrainingShape:
     cache_prefix: bool = True  # keep the first trainable layer's input per sample, or recompute the prefix
     exact_layers: tuple = ()  # layers with exact gradients (fwdgrad.head, .last_layer): their input and sums kept
     selected_weights: dict = field(default_factory=dict)  # layer -> weights selected (a concrete selection)
+    node_layers: tuple = ()  # node perturbation (zo_params = "outputs"): layers whose outputs are perturbed
 
 
 @dataclass
@@ -164,6 +165,15 @@ def plan(graph: QGraph, sample_shape: tuple, profile: Profile, training: Trainin
         zo_parts["exact_gradients"] = sum(4 * (training.selected_weights.get(n.name, n.weight.size) + n.bias.size)
                                           for n in layers)
         zo_parts["exact_masks"] = sum(-(-by_name[n.output].elements // 8) for n in layers[1:]) * training.batch
+    if training.node_layers:  # node perturbation, one sample at a time (its losses need no other sample): its
+        # clean pass keeps each layer's input and clamp mask; each output's noise is summed over the sample's
+        # pairs, weighted by its loss differences (32 bits), then correlated with the input into the gradient sums
+        layers = [graph.node(name) for name in training.node_layers]
+        zo_parts["node_inputs"] = sum(by_name[n.inputs[0]].size for n in layers)
+        zo_parts["node_output_sums"] = sum(4 * by_name[n.output].elements for n in layers)
+        zo_parts["node_masks"] = sum(-(-by_name[n.output].elements // 8) for n in layers)
+        zo_parts["node_gradients"] = sum(4 * (training.selected_weights.get(n.name, n.weight.size) + n.bias.size)
+                                         for n in layers)
     stored = {t for node in suffix_nodes for t in node.inputs}
     act_grads = 2 * 4 * max(by_name[n.output].elements for n in suffix_nodes)  # two 32-bit gradient buffers
     bp_parts = {"stored_activations": sum(by_name[t].size for t in stored) * training.batch,
@@ -183,6 +193,10 @@ def plan(graph: QGraph, sample_shape: tuple, profile: Profile, training: Trainin
         positions = int(np.prod(by_name[node.output].elements)) // node.weight.shape[0]
         zo_macs += 2 * training.m * (node.weight.size * positions + (graph.node(training.exact_layers[0]).weight.size
                                                                      if i else 0))
+    if training.node_layers:  # the clean pass, and one correlation of the output sums with the input per layer
+        zo_macs += suffix_macs
+        for node in map(graph.node, training.node_layers):
+            zo_macs += node.weight.size * (by_name[node.output].elements // node.weight.shape[0])
     bp_macs = forward + 2 * suffix_macs
     moved = sum(t.size for t in tensors) + weight_bytes(graph)  # bytes one forward reads and writes, roughly
     suffix_share = suffix_macs / forward if forward else 1.0

@@ -208,6 +208,7 @@ def planned_memory(run_dir: str, device: str | None = None) -> dict:
     from devices.profiles import load_profile
 
     from .rundir import load_checkpoint, load_graph
+    from .fit import node_layers
     from .zo_step import exact_layers
 
     cfg = TrainConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
@@ -221,6 +222,7 @@ def planned_memory(run_dir: str, device: str | None = None) -> dict:
                                      bias=cfg.train_bias) for batch in (1, cfg.batch_size)}
     for shape in shapes.values():
         shape.exact_layers = exact
+        shape.node_layers = node_layers(cfg, selection, exact)
     memory, cost = plan(graph, sample, profile, shapes[1]), plan(graph, sample, profile, shapes[cfg.batch_size])
     kind = "zo" if cfg.method == "zo" else "bp"
     return {"zo": memory.zo_peak, "bp": memory.bp_peak, "inference": memory.inference_peak,

@@ -28,6 +28,7 @@ from .data.files import IMAGE_SCALINGS, is_data_path
 from .directions import DIRECTIONS, LR_SCALES, ZO_PARAMS
 from .estimators import ESTIMATORS
 from .head import HEAD_UPDATES
+from .node_perturbation import OUTPUTS
 from .perturb import DISTRIBUTIONS, SPACES
 from .selection import METHODS
 from .update import SCHEDULES
@@ -78,7 +79,8 @@ class TrainConfig:
     eps: Positive = 2.0  # perturbation size (see space)
     lr: Positive = 0.5  # update per unit of projected gradient (see space)
     lr_scale: Literal[LR_SCALES] = "none"  # dimension: the ZO lr / the perturbed dimension; layer: per array
-    zo_params: Literal[ZO_PARAMS] = "weights"  # scale-bias: ZO moves per-output-channel scales and biases only
+    zo_params: Literal[ZO_PARAMS + (OUTPUTS,)] = "weights"  # scale-bias: ZO moves per-output-channel scales and
+    # biases only; outputs: node perturbation, the selected layers' outputs move (fwdgrad.node_perturbation)
     zo_sparsity: Annotated[float, Field(ge=0, lt=1)] = 0.0  # Sparse MeZO: this share of the largest weights stays put
     directions: Literal[DIRECTIONS] = "independent"  # orthogonal: the m directions of a step orthonormalised
     bp_lr: Positive = 0.05  # backprop reference: SGD learning rate on the real-valued weights
@@ -115,9 +117,25 @@ class TrainConfig:
         if self.zo_sparsity > 0 and self.zo_params == "scale-bias":
             raise ValueError(f"zo_sparsity = {self.zo_sparsity} masks weights, but zo_params = 'scale-bias' perturbs "
                              f"channel scales, which move every weight of a channel: drop one of the two")
+        self._check_node_perturbation()
         self._check_model()
         self._check_dataset()
         self.check_device_widths()
+
+    def _check_node_perturbation(self) -> None:
+        """Node perturbation draws whole output steps, one sign each, and takes one SGD step on its gradient:
+        the settings that shape weight directions do not apply to it."""
+        if self.zo_params != OUTPUTS:
+            return
+        clashes = {"zo_sparsity": self.zo_sparsity > 0, "directions": self.directions != "independent",
+                   "estimator": self.estimator != "spsa", "lr_scale": self.lr_scale != "none"}
+        for name, clash in clashes.items():
+            if clash:
+                raise ValueError(f"{name} = {getattr(self, name)!r} shapes weight perturbations, but zo_params = "
+                                 f"'outputs' perturbs layer outputs: drop {name} (or use zo_params = 'weights')")
+        if self.eps < 0.5:
+            raise ValueError(f"eps = {self.eps} rounds to no step: with zo_params = 'outputs' eps counts 8-bit steps "
+                             f"of a layer's output, whole steps: use eps >= 1 (e.g. 2)")
 
     def _check_model(self) -> None:
         """Zoo names and their resolutions, or a model file whose integer settings fill in ``auto``."""

@@ -9,6 +9,7 @@ from quant.graph import QGraph
 
 from .channels import Selection
 from .config import TrainConfig
+from .node_perturbation import OUTPUTS
 
 
 def check_device(graph: QGraph, sample_shape: tuple, cfg: TrainConfig, selection: Selection | None = None,
@@ -30,8 +31,16 @@ def check_device(graph: QGraph, sample_shape: tuple, cfg: TrainConfig, selection
         shape = budget_shape(graph, sample_shape, cfg.budget_bytes, method=method, m=cfg.m, batch=cfg.batch_size,
                              momentum=cfg.momentum > 0, bits=parse_bits(cfg.bits)[0])
     shape.exact_layers = tuple(exact_layers) if method == "zo" else ()
+    shape.node_layers = node_layers(cfg, selection or {}, shape.exact_layers)
     try:
         require_fit(graph, sample_shape, profile, shape, method)
     except ValueError:
         shape.cache_prefix = False
         require_fit(graph, sample_shape, profile, shape, method)
+
+
+def node_layers(cfg: TrainConfig, selection: Selection, exact_layers: tuple) -> tuple:
+    """The selected layers whose outputs node perturbation perturbs (none unless ``zo_params = "outputs"``)."""
+    if cfg.method != "zo" or cfg.zo_params != OUTPUTS:
+        return ()
+    return tuple(name for name in selection if name not in exact_layers)

@@ -33,6 +33,7 @@ from .perturb import selection_masks
 from .data.split import TrainData
 from .rundir import atomic_write_bytes, atomic_write_json, npz_bytes, read_json, read_npz, save_graph, weights_digest
 from .trainer import Trainer, evaluate
+from .node_perturbation import OUTPUTS
 from .update import apply_update
 
 FLWR_INSTALL = "pip install 'flwr[simulation]==1.41.0' (or pip install -e '.[test]', which installs it)"
@@ -83,6 +84,9 @@ def check_fleet(cfg: TrainConfig) -> None:
         raise ValueError(f"a fleet trains with forward gradients: method = 'zo', not {cfg.method!r}")
     if cfg.momentum:
         raise ValueError("a fleet replays plain SGD steps: set momentum = 0 (momentum state would have to travel)")
+    if cfg.zo_params == OUTPUTS:
+        raise ValueError("a fleet replays steps from seeds, and node perturbation's step needs each device's inputs: "
+                         "use zo_params = 'weights' or 'scale-bias'")
     if cfg.selection == "d-det-rgn":
         raise ValueError("selection d-det-rgn needs gradients of the global model on all data: use trady or another")
 

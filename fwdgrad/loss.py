@@ -8,13 +8,18 @@ from quant.tensor import QParams, dequantize
 
 def cross_entropy(logits_int: np.ndarray, params: QParams, labels: np.ndarray) -> float:
     """Mean cross-entropy of the dequantized logits, computed in float64 (log-sum-exp, stable)."""
-    logits = dequantize(logits_int, params).astype(np.float64)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    loss = -float(np.mean(log_probs[np.arange(len(labels)), labels]))
+    loss = float(np.mean(cross_entropy_per_sample(logits_int, params, labels)))
     if not np.isfinite(loss):
         raise FloatingPointError("the loss is NaN/inf: lower --lr or --eps, or check the data for NaN")
     return loss
+
+
+def cross_entropy_per_sample(logits_int: np.ndarray, params: QParams, labels: np.ndarray) -> np.ndarray:
+    """Each sample's cross-entropy (what node perturbation differentiates sample by sample)."""
+    logits = dequantize(logits_int, params).astype(np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return -log_probs[np.arange(len(labels)), labels]
 
 
 def top1(logits_int: np.ndarray, labels: np.ndarray) -> float:
@@ -43,7 +48,12 @@ def _ln_q16(values: np.ndarray) -> np.ndarray:
 
 
 def integer_cross_entropy(logits_int: np.ndarray, params: QParams, labels: np.ndarray) -> int:
-    """Mean cross-entropy in Q.16 using only integer operations and two lookup tables (no FPU).
+    """Mean cross-entropy in Q.16 (see ``integer_cross_entropy_per_sample``)."""
+    return int(integer_cross_entropy_per_sample(logits_int, params, labels).sum() // len(labels))
+
+
+def integer_cross_entropy_per_sample(logits_int: np.ndarray, params: QParams, labels: np.ndarray) -> np.ndarray:
+    """Each sample's cross-entropy in Q.16 using only integer operations and two lookup tables (no FPU).
 
     With gaps ``d_i = max(l) - l_i`` (integers), ``CE = ln(sum_i exp(-s d_i)) + s d_y``: the exponentials come
     from a table indexed by the gap, the logarithm from the exponent and an 8-bit mantissa table, and
@@ -56,5 +66,4 @@ def integer_cross_entropy(logits_int: np.ndarray, params: QParams, labels: np.nd
     sums = table[gaps].sum(axis=1)
     scale_q32 = int(round(scale * (1 << (2 * LOSS_FRACTION_BITS))))  # Q.32: small scales keep their digits
     label_term = (scale_q32 * gaps[np.arange(len(labels)), labels]) >> LOSS_FRACTION_BITS
-    per_sample = _ln_q16(sums) - (LOSS_FRACTION_BITS * _LN2_Q16) + label_term
-    return int(per_sample.sum() // len(labels))
+    return _ln_q16(sums) - (LOSS_FRACTION_BITS * _LN2_Q16) + label_term

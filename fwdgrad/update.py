@@ -42,6 +42,13 @@ def apply_update(graph, weights: dict, est: Estimate, lr: float | dict[str, floa
         for key, d in p.delta.items():
             rate = lr[key] if isinstance(lr, dict) else lr
             step[key] = step.get(key, 0.0) + (rate * g / (eps * m)) * d  # d / unit * unit: integer steps
+    return apply_steps(weights, step, est.perturbations[0].masks, limits, step_seed, momentum, beta)
+
+
+def apply_steps(weights: dict, step: dict[str, np.ndarray], masks: dict, limits: dict, step_seed: int,
+                momentum: dict | None = None, beta: float = 0.0) -> dict:
+    """New integer weights: each masked entry moved by ``-step`` (float integer steps, flat in mask order),
+    with momentum, stochastically rounded and saturated."""
     rng = np.random.default_rng([step_seed, 0x0DA7E])
     new = dict(weights)
     for key in sorted(step):
@@ -49,7 +56,7 @@ def apply_update(graph, weights: dict, est: Estimate, lr: float | dict[str, floa
         if momentum is not None:
             momentum[key] = beta * momentum.get(key, 0.0) + direction
             direction = momentum[key]
-        mask = est.perturbations[0].masks[key]
+        mask = masks[key]
         w = weights[key].astype(np.int64)
         w[mask] = np.clip(w[mask] - stochastic_round(direction, rng), -limits[key], limits[key])
         new[key] = w.astype(weights[key].dtype)

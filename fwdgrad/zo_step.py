@@ -18,12 +18,14 @@ from quant.ops.packing import freeze
 
 from .config import TrainConfig
 from .directions import Directions, directions_for
-from .estimators import Estimate, estimate
+from .estimators import Estimate, estimate, seeds_for
 from .head import HeadGradient, apply_head_step, final_linear
 from .last_layer import LastLayerGradient, apply_last_layer_step, find_last_layer
-from .loss import LOSS_FRACTION_BITS, cross_entropy, integer_cross_entropy
-from .perturb import integer_limits
-from .update import apply_update, learning_rate
+from .loss import LOSS_FRACTION_BITS, cross_entropy, cross_entropy_per_sample, integer_cross_entropy, \
+    integer_cross_entropy_per_sample
+from .node_perturbation import NodeEstimate, estimate as node_estimate, perturbed_layers
+from .perturb import integer_limits, perturbation_units
+from .update import apply_steps, apply_update, learning_rate
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -110,8 +112,18 @@ class ZOStep:
                     else len(self.graph.nodes) - 1)
         return self.graph.nodes[first].name
 
-    def loss(self, logits: np.ndarray, y: np.ndarray) -> float:
-        return (cross_entropy if self.config.loss == "float" else integer_loss)(logits, self.graph.output_params, y)
+    def loss(self, logits: np.ndarray, y: np.ndarray, per_sample: bool = False):
+        """The batch's loss, or (``per_sample``) each sample's."""
+        params = self.graph.output_params
+        if per_sample:
+            if self.config.loss == "float":
+                return cross_entropy_per_sample(logits, params, y)
+            return integer_cross_entropy_per_sample(logits, params, y) / (1 << LOSS_FRACTION_BITS)
+        return (cross_entropy if self.config.loss == "float" else integer_loss)(logits, params, y)
+
+    @property
+    def node_perturbation(self) -> bool:
+        return self.config.zo_params == "outputs"
 
     def gradient(self, weights: dict, masks: dict, x, y, step: int):
         """(the step's estimate, its seed, the exact gradients' sums: head, last layer). The seed regenerates
@@ -125,17 +137,41 @@ class ZOStep:
         channels = self.last_channels(masks)
         last = LastLayerGradient(self.last, self.head, channels) if channels is not None else None
 
-        def run(env, begin, until, w, consume=False):
+        layers, outputs_of = perturbed_layers(graph, self.perturbed(masks)) if self.node_perturbation else ([], {})
+        nodes = {graph.index(n.name): n for n in layers}
+        outputs = {"noise": {}, "capture": None}  # node perturbation: this pass's output noise, the clean pass's store
+
+        def advance(env, begin, until, w, consume):
             return graph.advance(env, begin, until, weights=w, backend=cfg.backend, varying=varying, consume=consume)
 
-        def loss_from(env, begin, w):
+        def run(env, begin, until, w, consume=False):
+            """Nodes ``begin`` up to ``until`` (None: the end); each perturbed output gets this pass's noise,
+            or in the clean pass its layer's input and output are kept."""
+            last = len(graph.nodes) if until is None else graph.index(until)
+            for i in [i for i in sorted(nodes) if graph.index(begin) <= i < last]:
+                node = nodes[i]
+                env = advance(env, begin, node.name, w, consume)
+                x = env[node.inputs[0]]
+                begin = graph.nodes[i + 1].name if i + 1 < len(graph.nodes) else None
+                env, consume = advance(env, node.name, begin, w, True), True
+                y_int = env[node.output]
+                if outputs["capture"] is not None:
+                    outputs["capture"][node.name] = (x, y_int)
+                elif node.name in outputs["noise"]:
+                    p = node.out_params
+                    env[node.output] = np.clip(y_int.astype(np.int64) + outputs["noise"][node.name], p.qmin,
+                                               p.qmax).astype(y_int.dtype)
+                if begin is None:
+                    return env
+            return env if begin is None else advance(env, begin, until, w, consume)
+
+        def loss_from(env, begin, w, per_sample=False):
             """The loss of one call with weights ``w``, ``env`` holding the tensors before node ``begin``
             (None: after the last node); an ``env`` of its own (not the shared cache) is used up."""
             own = env is not cache
             if head is None:
-                logits = env[graph.output_name] if begin is None else graph.forward(
-                    env, start=begin, weights=w, backend=cfg.backend, varying=varying, consume=own)
-                return self.loss(logits, y)
+                logits = env[graph.output_name] if begin is None else run(env, begin, None, w, own)[graph.output_name]
+                return self.loss(logits, y, per_sample)
             if last is not None:
                 node = self.last.node
                 at_last = run(env, begin, node.name, w, own)
@@ -149,7 +185,7 @@ class ZOStep:
             head.add(at_head[self.head.inputs[0]], logits, y, graph.output_params)
             if last is not None:
                 last.add(a, y_int, logits, y, graph.output_params, at_last)
-            return self.loss(logits, y)
+            return self.loss(logits, y, per_sample)
 
         def losses_at(sets):
             """The losses of the step's calls: when they all perturb the first node they run, its copies run
@@ -169,6 +205,19 @@ class ZOStep:
         perturbed = self.perturbed(masks)
         if not perturbed:  # exact updates alone: one forward call gives their gradients
             return Estimate([], [], [loss_from(cache, start, weights)], 1), seed, (head, last)
+        if layers:
+            outputs["capture"] = clean = {}
+            base = loss_from(cache, start, weights)
+            outputs["capture"] = None
+
+            def run_pass(noise):
+                outputs["noise"] = noise
+                return loss_from(cache, start, weights, per_sample=True)
+
+            est = node_estimate(run_pass, layers, clean, outputs_of, cfg.eps, seeds_for(seed, cfg.m), len(y),
+                                cfg.train_bias, first=step * cfg.m)
+            est.losses.insert(0, base)
+            return est, seed, (head, last)
         est = estimate(losses_at, weights, self.directions(masks, weights), self.limits, step_seed=seed, m=cfg.m,
                        eps=cfg.eps, distribution=cfg.distribution, method=cfg.estimator, rho=cfg.rho)
         return est, seed, (head, last)
@@ -203,7 +252,13 @@ class ZOStep:
         calls and how many it made."""
         cfg = self.config
         est, seed, exact = self.gradient(weights, masks, x, y, step)
-        if est.perturbations:
+        if isinstance(est, NodeEstimate):
+            perturbed = self.perturbed(masks)
+            lr = learning_rate(cfg.lr, cfg.schedule, step, self.total_steps, cfg.warmup_steps)
+            steps = est.steps(perturbed, perturbation_units(self.graph, perturbed, cfg.space), lr)
+            weights.update(apply_steps(weights, steps, perturbed, self.limits, seed,
+                                       momentum if cfg.momentum > 0 else None, cfg.momentum))
+        elif est.perturbations:
             weights.update(apply_update(self.graph, weights, est, self.learning_rate(step), cfg.eps, self.limits,
                                         seed, momentum if cfg.momentum > 0 else None, cfg.momentum))
         self.apply_exact(weights, exact, step, seed)

@@ -112,14 +112,15 @@ class QGraph:
         env = {self.input_name: self.quantize_input(x)}
         return self._execute(env, 0, self.index(until), backend, weights, rounding or self.rounding, varying)
 
-    def advance(self, cache: dict, start: str, until: str, *, weights: dict | None = None, backend="numba",
+    def advance(self, cache: dict, start: str, until: str | None, *, weights: dict | None = None, backend="numba",
                 rounding: str | None = None, varying: frozenset | None = None, consume: bool = False) -> dict:
-        """Run the nodes from ``start`` up to (not including) ``until`` on a ``prefix`` cache and return the
-        tensors live there: the cache at ``until`` (what a trainer reads the head's input features from).
+        """Run the nodes from ``start`` up to (not including) ``until`` (None: to the end) on a ``prefix`` cache
+        and return the tensors live there: the cache at ``until`` (what a trainer reads the head's input features from).
         ``consume``: run on ``cache`` itself, freeing its tensors as they die, instead of on a copy (for a
         caller that has no more use for it: its tensors are then not held for the whole call)."""
         rounding = check_rounding(rounding or self.rounding)
-        return self._execute(cache if consume else dict(cache), self.index(start), self.index(until), backend,
+        last = len(self.nodes) if until is None else self.index(until)
+        return self._execute(cache if consume else dict(cache), self.index(start), last, backend,
                              weights, rounding, varying)
 
     def widens(self, name: str, backend="numba") -> bool:
