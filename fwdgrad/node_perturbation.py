@@ -39,7 +39,7 @@ def output_step(node, eps: float) -> int:
 
 
 def noise(seed: int, index: int, shape: tuple) -> np.ndarray:
-    """The Rademacher signs (int8) of pair ``seed`` at graph node ``index``."""
+    """The Rademacher signs (int8) of pair ``seed`` on the step's ``index``-th perturbed layer."""
     return np.random.default_rng([seed, 0x40DE, index]).integers(0, 2, shape, dtype=np.int8) * 2 - 1
 
 
@@ -107,10 +107,10 @@ def estimate(run_pass, layers: list, clean: dict, channels: dict, eps: float, se
         counts[layer.name] += 1
     gradients = {}
     for n in layers:
-        x, y = clean[n.name]
-        lo, hi = n.clamp
         if not counts[n.name]:
             continue
+        x, y = clean[n.name]
+        lo, hi = n.clamp
         m_o = multiplier(n).reshape((1, -1) + (1,) * (y.ndim - 2))
         g_acc = sums[n.name] / counts[n.name] * ((y > lo) & (y < hi)) * m_o
         dw, db = weight_gradient(n, x, g_acc)

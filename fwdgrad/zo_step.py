@@ -23,7 +23,7 @@ from .head import HeadGradient, apply_head_step, final_linear
 from .last_layer import LastLayerGradient, apply_last_layer_step, find_last_layer
 from .loss import LOSS_FRACTION_BITS, cross_entropy, cross_entropy_per_sample, integer_cross_entropy, \
     integer_cross_entropy_per_sample
-from .node_perturbation import NodeEstimate, estimate as node_estimate, perturbed_layers
+from .node_perturbation import OUTPUTS, NodeEstimate, estimate as node_estimate, perturbed_layers
 from .perturb import integer_limits, perturbation_units
 from .update import apply_steps, apply_update, learning_rate
 
@@ -123,7 +123,7 @@ class ZOStep:
 
     @property
     def node_perturbation(self) -> bool:
-        return self.config.zo_params == "outputs"
+        return self.config.zo_params == OUTPUTS
 
     def gradient(self, weights: dict, masks: dict, x, y, step: int):
         """(the step's estimate, its seed, the exact gradients' sums: head, last layer). The seed regenerates
@@ -145,10 +145,12 @@ class ZOStep:
             return graph.advance(env, begin, until, weights=w, backend=cfg.backend, varying=varying, consume=consume)
 
         def run(env, begin, until, w, consume=False):
-            """Nodes ``begin`` up to ``until`` (None: the end); each perturbed output gets this pass's noise,
-            or in the clean pass its layer's input and output are kept."""
+            """Nodes ``begin`` up to ``until`` (None: the end); the layer this pass perturbs gets its noise, or in
+            the clean pass every perturbed layer's input and output are kept (the run splits only there)."""
             last = len(graph.nodes) if until is None else graph.index(until)
-            for i in [i for i in sorted(nodes) if graph.index(begin) <= i < last]:
+            stops = [i for i in sorted(nodes) if graph.index(begin) <= i < last
+                     and (outputs["capture"] is not None or nodes[i].name in outputs["noise"])]
+            for i in stops:
                 node = nodes[i]
                 env = advance(env, begin, node.name, w, consume)
                 x = env[node.inputs[0]]
@@ -157,7 +159,7 @@ class ZOStep:
                 y_int = env[node.output]
                 if outputs["capture"] is not None:
                     outputs["capture"][node.name] = (x, y_int)
-                elif node.name in outputs["noise"]:
+                else:
                     p = node.out_params
                     env[node.output] = np.clip(y_int.astype(np.int64) + outputs["noise"][node.name], p.qmin,
                                                p.qmax).astype(y_int.dtype)
