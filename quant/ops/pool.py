@@ -65,32 +65,43 @@ def _rounded_mean(total, count, half_even):
     return q
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def _pool_kernel(x, zp, kh, kw, sh, sw, pt, pl, include_pad, is_max, half_even, out):
+    """One task per (sample, channel) plane, spread over the threads. For each output row the window's input
+    rows are first folded into one padded row (max or sum: a contiguous loop that vectorizes), then each
+    window reads its kw entries of that row. Padding holds the fold's neutral element, so the taps need no
+    bounds checks: the small CNN's 2x2 max pools, tap by tap, had been half of its forward pass."""
     n_batch, n_chan, h, wd = x.shape
     _, _, ho, wo = out.shape
-    for b in range(n_batch):
-        for c in range(n_chan):
-            for oy in range(ho):
-                for ox in range(wo):
-                    best = np.int64(-(1 << 62))
-                    total = np.int64(0)
-                    count = np.int64(0)
-                    for i in range(kh):
-                        iy = oy * sh - pt + i
-                        for j in range(kw):
-                            ix = ox * sw - pl + j
-                            if 0 <= iy < h and 0 <= ix < wd:
-                                v = np.int64(x[b, c, iy, ix])
-                                best = max(best, v)
-                                total += v - zp
-                                count += 1
-                    if is_max:
-                        out[b, c, oy, ox] = best
-                        continue
-                    if include_pad:
-                        count = kh * kw
-                    out[b, c, oy, ox] = _rounded_mean(total, count, half_even) + zp
+    width = max(pl + wd, (wo - 1) * sw + kw)
+    neutral = np.int64(-(1 << 62)) if is_max else np.int64(0)
+    for p in numba.prange(n_batch * n_chan):
+        b, c = p // n_chan, p % n_chan
+        row = np.empty(width, np.int64)
+        for oy in range(ho):
+            y0 = oy * sh - pt
+            i_lo, i_hi = max(0, -y0), min(kh, h - y0)
+            row[:] = neutral
+            for i in range(i_lo, i_hi):
+                line, inner = x[b, c, y0 + i], row[pl:pl + wd]
+                if is_max:
+                    for k in range(wd):
+                        inner[k] = max(inner[k], np.int64(line[k]))
+                else:
+                    for k in range(wd):
+                        inner[k] += np.int64(line[k])
+            rows = max(0, i_hi - i_lo)
+            for ox in range(wo):
+                x0 = ox * sw
+                acc = row[x0]
+                for j in range(1, kw):
+                    acc = max(acc, row[x0 + j]) if is_max else acc + row[x0 + j]
+                if is_max:
+                    out[b, c, oy, ox] = acc
+                    continue
+                taps = np.int64(rows * max(0, min(x0 + kw, pl + wd) - max(x0, pl)))  # inside the plane
+                count = np.int64(kh * kw) if include_pad else taps
+                out[b, c, oy, ox] = _rounded_mean(acc - zp * taps, count, half_even) + zp
 
 
 @numba.njit(cache=True, nogil=True)
