@@ -81,9 +81,9 @@ class Perturbation:
         this dict must run the other layers with their trained integers too, not the graph's stored ones."""
         moved = dict(weights)
         for key, mask in self.masks.items():
-            w = weights[key].astype(np.int64)
-            w[mask] = np.clip(w[mask] + sign * self.delta[key], -limits[key], limits[key])
-            moved[key] = w.astype(weights[key].dtype)
+            w = weights[key].copy()  # in its own dtype: only the masked entries widen, to add and saturate
+            w[mask] = np.clip(w[mask].astype(np.int64) + sign * self.delta[key], -limits[key], limits[key])
+            moved[key] = w
         return moved
 
 
