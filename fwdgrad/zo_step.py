@@ -51,6 +51,12 @@ def integer_loss(logits_int, params, labels) -> float:
     return integer_cross_entropy(logits_int, params, labels) / (1 << LOSS_FRACTION_BITS)
 
 
+def with_noise(node, y_int: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """A layer's integer output moved by node perturbation's ``delta``, saturated to its output's range."""
+    p = node.out_params
+    return np.clip(y_int.astype(np.int64) + delta, p.qmin, p.qmax).astype(y_int.dtype)
+
+
 def exact_layers(graph: QGraph, head_update: str):
     """(head, last layer) whose gradients a run computes exactly, by ``head_update`` (auto: the most the
     model's structure allows). Either may be None."""
@@ -139,7 +145,9 @@ class ZOStep:
 
         layers, outputs_of = perturbed_layers(graph, self.perturbed(masks)) if self.node_perturbation else ([], {})
         nodes = {graph.index(n.name): n for n in layers}
-        outputs = {"noise": {}, "capture": None}  # node perturbation: this pass's output noise, the clean pass's store
+        # node perturbation: this pass's output noise; the clean pass's store of each perturbed layer's input and
+        # output, and of the tensors live just after it (a pass perturbing that layer starts there)
+        outputs = {"noise": {}, "capture": None, "after": {}}
 
         def advance(env, begin, until, w, consume):
             return graph.advance(env, begin, until, weights=w, backend=cfg.backend, varying=varying, consume=consume)
@@ -159,10 +167,9 @@ class ZOStep:
                 y_int = env[node.output]
                 if outputs["capture"] is not None:
                     outputs["capture"][node.name] = (x, y_int)
+                    outputs["after"][node.name] = dict(env)
                 else:
-                    p = node.out_params
-                    env[node.output] = np.clip(y_int.astype(np.int64) + outputs["noise"][node.name], p.qmin,
-                                               p.qmax).astype(y_int.dtype)
+                    env[node.output] = with_noise(node, y_int, outputs["noise"][node.name])
                 if begin is None:
                     return env
             return env if begin is None else advance(env, begin, until, w, consume)
@@ -211,10 +218,22 @@ class ZOStep:
             outputs["capture"] = clean = {}
             base = loss_from(cache, start, weights)
             outputs["capture"] = None
+            exact_first = min((graph.index(n.name) for n in (self.head, self.last.node if last else None)
+                               if n is not None), default=len(graph.nodes))
 
             def run_pass(noise):
-                outputs["noise"] = noise
-                return loss_from(cache, start, weights, per_sample=True)
+                """One pass perturbing one layer, from the clean pass's tensors just after it (the nodes before
+                it would compute the same integers again), or from ``start`` when exact layers come first."""
+                (name, delta), = noise.items()
+                i = graph.index(name)
+                if i >= exact_first:
+                    outputs["noise"] = noise
+                    return loss_from(cache, start, weights, per_sample=True)
+                outputs["noise"] = {}
+                env, node = dict(outputs["after"][name]), graph.nodes[i]
+                env[node.output] = with_noise(node, clean[name][1], delta)
+                begin = graph.nodes[i + 1].name if i + 1 < len(graph.nodes) else None
+                return loss_from(env, begin, weights, per_sample=True)
 
             est = node_estimate(run_pass, layers, clean, outputs_of, cfg.eps, seeds_for(seed, cfg.m), len(y),
                                 cfg.train_bias, first=step * cfg.m)
