@@ -149,6 +149,10 @@ class ZOStep:
         # output, and of the tensors live just after it (a pass perturbing that layer starts there)
         outputs = {"noise": {}, "capture": None, "after": {}}
 
+        def following(i):
+            """The name of the node after node ``i`` (None after the last: a run to the end)."""
+            return graph.nodes[i + 1].name if i + 1 < len(graph.nodes) else None
+
         def advance(env, begin, until, w, consume):
             return graph.advance(env, begin, until, weights=w, backend=cfg.backend, varying=varying, consume=consume)
 
@@ -162,7 +166,7 @@ class ZOStep:
                 node = nodes[i]
                 env = advance(env, begin, node.name, w, consume)
                 x = env[node.inputs[0]]
-                begin = graph.nodes[i + 1].name if i + 1 < len(graph.nodes) else None
+                begin = following(i)
                 env, consume = advance(env, node.name, begin, w, True), True
                 y_int = env[node.output]
                 if outputs["capture"] is not None:
@@ -202,8 +206,7 @@ class ZOStep:
             perturbed_first = start in {k.rsplit(".", 1)[0] for k in self.perturbed(masks)}
             if not perturbed_first or not graph.widens(start, cfg.backend):
                 return [loss_from(cache, start, w) for w in sets]
-            index = graph.index(start) + 1
-            begin = graph.nodes[index].name if index < len(graph.nodes) else None
+            begin = following(graph.index(start))
             losses = []
             for env, w in graph.advance_each(cache, start, sets, backend=cfg.backend, varying=varying):
                 losses.append(loss_from(env, begin, w))
@@ -232,7 +235,7 @@ class ZOStep:
                 outputs["noise"] = {}
                 env, node = dict(outputs["after"][name]), graph.nodes[i]
                 env[node.output] = with_noise(node, clean[name][1], delta)
-                begin = graph.nodes[i + 1].name if i + 1 < len(graph.nodes) else None
+                begin = following(i)
                 return loss_from(env, begin, weights, per_sample=True)
 
             est = node_estimate(run_pass, layers, clean, outputs_of, cfg.eps, seeds_for(seed, cfg.m), len(y),
